@@ -1,0 +1,1 @@
+"""HTTPS clients of the agent's local API (Plugin Settings: Plugin tier; Jobs: Admin tier)."""

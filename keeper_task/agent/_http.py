@@ -1,0 +1,229 @@
+"""The one boundary between httpx and keeper-task's error tree.
+
+Both agent clients (Plugin tier and Admin tier) send requests through :class:`AgentHttp`,
+which maps every httpx exception and every non-2xx status to an :mod:`keeper_task.errors`
+class, re-raised ``from`` the original.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from keeper_task.errors import (
+    AgentResponseError,
+    AgentUnreachableError,
+    NotFoundError,
+    NotTrustedError,
+    ValidationFailedError,
+)
+from keeper_task.tls import client_ssl_context
+
+__all__ = ["AgentHttp", "decode_json", "path_segment"]
+
+
+def path_segment(value: str) -> str:
+    """URL-encode one path segment (job ids and plugin names are encoded, per the agent)."""
+    return quote(value, safe="")
+
+
+class AgentHttp:
+    """A small synchronous HTTPS client for the agent's loopback API.
+
+    Args:
+        base_url: The agent's base URL, for example ``https://127.0.0.1:6889``.
+        ssl_context: TLS context; default is the loopback policy of :mod:`keeper_task.tls`.
+        timeout: Seconds per request (connect, read, write and pool).
+        tier: ``"Plugin"`` or ``"Admin"``: named in 403 messages.
+        transport: An httpx transport, for example ``httpx.MockTransport`` in unit tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        tier: str = "Plugin",
+        transport: httpx.BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.tier = tier
+        if ssl_context is None and transport is None:
+            ssl_context = client_ssl_context(host=httpx.URL(self.base_url).host)
+        # verify= takes our own SSLContext: it never loads certifi (60-90 ms) and it is the
+        # only way the client certificate survives in httpx 0.28 (cert= with a path drops it).
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            verify=ssl_context if ssl_context is not None else True,
+            timeout=timeout,
+            transport=transport,
+            headers={"Accept": "application/json", **(headers or {})},
+            trust_env=False,
+        )
+
+    def __enter__(self) -> AgentHttp:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        send_body: bool = False,
+        not_found: type[NotFoundError] = NotFoundError,
+        what: str = "",
+    ) -> httpx.Response:
+        """Send one request; return the 2xx response or raise the mapped error.
+
+        Args:
+            method: HTTP method.
+            path: Path below the base URL, starting with ``/api/``; already encoded.
+            json_body: Body to send as JSON (sent when not None, or when ``send_body``).
+            send_body: Send ``json_body`` even when it is None (as ``null``).
+            not_found: Error class for a 404.
+            what: What was asked for, for messages ("plugin 'X'", "job 'y'").
+        """
+        url = self.base_url + path
+        kwargs: dict[str, Any] = {}
+        if json_body is not None or send_body:
+            kwargs["content"] = json.dumps(json_body).encode()
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise AgentUnreachableError(
+                f"{method} {url} timed out; is the agent running and listening there?", url=url
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise AgentUnreachableError(
+                f"cannot connect to the agent at {self.base_url}: {_reason(exc)}; check the "
+                "port (Settings:KestrelHttpsPort) and that the agent service runs",
+                url=url,
+            ) from exc
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            # Under TLS 1.3 the server checks the client certificate after the handshake, so
+            # a rejected certificate shows up here, on the first read, not as ConnectError.
+            raise AgentUnreachableError(
+                f"the agent at {self.base_url} closed the connection ({_reason(exc)}); "
+                "if this is an Admin-tier call, the client certificate was probably rejected",
+                url=url,
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise AgentUnreachableError(
+                f"{method} {url} failed: {_reason(exc)}", url=url
+            ) from exc
+        self._raise_for_status(response, method, url, not_found, what)
+        return response
+
+    def _raise_for_status(
+        self,
+        response: httpx.Response,
+        method: str,
+        url: str,
+        not_found: type[NotFoundError],
+        what: str,
+    ) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        subject = what or f"{method} {url}"
+        if status == 403:
+            raise NotTrustedError(
+                f"the agent refused {subject} with 403 (TLS worked): this caller is not on the "
+                f"{self.tier} tier{_tier_hint(self.tier)}",
+                status_code=status,
+                url=url,
+            )
+        if status == 404:
+            raise not_found(f"{subject}: not found (404)", status_code=status, url=url)
+        if status == 400:
+            errors = _errors_of(response)
+            detail = "; ".join(str(e) for e in errors) if errors else _snippet(response)
+            raise ValidationFailedError(
+                f"the agent rejected {subject} (400): {detail}",
+                errors=errors,
+                status_code=status,
+                url=url,
+            )
+        if status >= 500:
+            raise AgentUnreachableError(
+                f"the agent failed on {subject} ({status}): {_snippet(response)}",
+                status_code=status,
+                url=url,
+            )
+        raise AgentResponseError(
+            f"unexpected answer {status} to {subject}: {_snippet(response)}",
+            status_code=status,
+            url=url,
+        )
+
+
+def decode_json(response: httpx.Response, what: str) -> Any:
+    """Return the JSON body of ``response`` or raise :class:`AgentResponseError`."""
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AgentResponseError(
+            f"the agent's answer to {what} is not valid JSON: {_snippet(response)}",
+            status_code=response.status_code,
+            url=str(response.request.url),
+        ) from exc
+
+
+def _tier_hint(tier: str) -> str:
+    if tier == "Plugin":
+        return (
+            " (only processes the agent launched are trusted, and registration can lag the "
+            "launch by a moment; run the task through the agent or `keeper-task dev run`)"
+        )
+    if tier == "Admin":
+        return " (check the admin client certificate and key given to this tool)"
+    return ""
+
+
+def _errors_of(response: httpx.Response) -> list[Any]:
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if isinstance(body, dict):
+        errors = body.get("errors") or body.get("Errors")
+        if isinstance(errors, list):
+            return errors
+        if isinstance(errors, dict):  # ASP.NET problem-details shape: {field: [messages]}
+            return [f"{k}: {m}" for k, v in errors.items() for m in (v if isinstance(v, list) else [v])]
+    return []
+
+
+def _snippet(response: httpx.Response, limit: int = 200) -> str:
+    text = response.text.strip().replace("\n", " ")
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+

@@ -1,0 +1,5 @@
+import sys
+
+from keeper_task.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""The exception tree of keeper-task.
+
+Every error the framework raises derives from :class:`KeeperTaskError`. Third-party errors
+(httpx, paho-mqtt, pydantic) are mapped once, at the module that talks to that library, and
+re-raised ``from`` the original so the cause stays in the traceback::
+
+    KeeperTaskError
+    ├── UsageError                   bad command-line arguments              exit 64
+    ├── SettingsError                invalid settings / environment / TLS    exit 78
+    ├── AgentError                   the agent's HTTPS API
+    │   ├── AgentUnreachableError    connection, TLS, timeout, 5xx           exit 69
+    │   ├── NotTrustedError          403: the caller is on the wrong tier    exit 77
+    │   ├── NotFoundError            404
+    │   │   ├── PluginNotFoundError  unknown plugin name                     exit 68
+    │   │   └── JobNotFoundError     unknown job id
+    │   ├── ValidationFailedError    400 with the agent's ``errors`` array
+    │   └── AgentResponseError       any other unexpected status or body
+    ├── MqttError                    the agent's MQTT broker
+    │   ├── BrokerUnavailableError   cannot connect / connection refused     exit 75
+    │   ├── MqttNotAvailableError    no MQTT for this run (no KEEPER_JOB_ID)
+    │   ├── TopicNotDeclaredError    publish to a topic the task did not declare
+    │   └── PublishError             a publish was not acknowledged in time
+    ├── JobDefinitionError           a job JSON file cannot be read or parsed
+    ├── TaskFailed                   ``ctx.fail()``: an expected task failure  exit 1
+    ├── DeadlineExceeded             the task's own deadline passed          exit 124
+    └── TaskInterrupted              SIGTERM / SIGINT / CTRL_BREAK           exit 128+N
+
+``exit_code`` on each class is what :meth:`keeper_task.Task.main` exits with when that
+error ends a run; classes without an entry above end a run with 70 (uncaught).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from keeper_task.exit_codes import ExitCode, signal_exit_code
+
+__all__ = [
+    "AgentError",
+    "AgentResponseError",
+    "AgentUnreachableError",
+    "BrokerUnavailableError",
+    "DeadlineExceeded",
+    "JobDefinitionError",
+    "JobNotFoundError",
+    "KeeperTaskError",
+    "MqttError",
+    "MqttNotAvailableError",
+    "NotFoundError",
+    "NotTrustedError",
+    "PluginNotFoundError",
+    "PublishError",
+    "SettingsError",
+    "TaskFailed",
+    "TaskInterrupted",
+    "TopicNotDeclaredError",
+    "UsageError",
+    "ValidationFailedError",
+]
+
+
+class KeeperTaskError(Exception):
+    """Base class of every error raised by keeper-task.
+
+    ``str(error)`` is one line an operator can act on: what is wrong and how to fix it.
+    """
+
+    exit_code: ClassVar[int] = ExitCode.UNCAUGHT_EXCEPTION
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(KeeperTaskError):
+    """The command line is wrong (unknown option, missing value, missing base URL)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class SettingsError(KeeperTaskError):
+    """A setting is invalid: a task setting, an environment variable or an agent setting."""
+
+    exit_code = ExitCode.BAD_SETTINGS
+
+
+class AgentError(KeeperTaskError):
+    """A call to the agent's local HTTPS API failed.
+
+    Attributes:
+        status_code: The HTTP status, when the agent answered at all.
+        url: The URL that was requested.
+    """
+
+    exit_code = ExitCode.AGENT_UNREACHABLE
+
+    def __init__(self, message: str, *, status_code: int | None = None, url: str = "") -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.url = url
+
+
+class AgentUnreachableError(AgentError):
+    """The agent could not be reached: refused, TLS failure, timeout, or 5xx past retries."""
+
+    exit_code = ExitCode.AGENT_UNREACHABLE
+
+
+class NotTrustedError(AgentError):
+    """The agent answered 403: TLS worked, the caller is not on the endpoint's tier."""
+
+    exit_code = ExitCode.NOT_TRUSTED
+
+
+class NotFoundError(AgentError):
+    """The agent answered 404."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class PluginNotFoundError(NotFoundError):
+    """``/api/PluginSettings/{name}`` answered 404: no plugin of that name is registered."""
+
+    exit_code = ExitCode.PLUGIN_NOT_FOUND
+
+
+class JobNotFoundError(NotFoundError):
+    """``/api/Jobs/{id}`` answered 404: the agent knows no job with that id."""
+
+
+class ValidationFailedError(AgentError):
+    """The agent answered 400; ``errors`` holds the agent's error list, if it sent one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errors: Sequence[Any] = (),
+        status_code: int | None = 400,
+        url: str = "",
+    ) -> None:
+        super().__init__(message, status_code=status_code, url=url)
+        self.errors = list(errors)
+
+
+class AgentResponseError(AgentError):
+    """The agent answered with an unexpected status or a body we could not read."""
+
+
+class MqttError(KeeperTaskError):
+    """Talking to the agent's MQTT broker failed.
+
+    Attributes:
+        rc: The paho-mqtt reason code, when there is one.
+    """
+
+    exit_code = ExitCode.BROKER_UNAVAILABLE
+
+    def __init__(self, message: str, *, rc: int | None = None) -> None:
+        super().__init__(message)
+        self.rc = rc
+
+
+class BrokerUnavailableError(MqttError):
+    """The broker could not be reached, timed out, or refused the connection."""
+
+
+class MqttNotAvailableError(MqttError):
+    """MQTT is off for this run, typically because the agent set no ``KEEPER_JOB_ID``."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class TopicNotDeclaredError(MqttError):
+    """A publish named a topic the task did not declare; the real broker would drop it."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class PublishError(MqttError):
+    """A publish was refused or not acknowledged within its timeout."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class JobDefinitionError(KeeperTaskError):
+    """A job definition could not be read: missing file, malformed JSON, wrong shape."""
+
+    exit_code = ExitCode.BAD_SETTINGS
+
+
+class TaskFailed(KeeperTaskError):  # noqa: N818 - reads as a verb phrase: raise TaskFailed(...)
+    """An expected failure of the task itself; raised by ``ctx.fail()``.
+
+    Attributes:
+        exit_code: Chosen by the task author (default 1).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = ExitCode.TASK_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # per-instance override of the default
+
+
+class DeadlineExceeded(KeeperTaskError):  # noqa: N818 - mirrors asyncio/grpc naming
+    """The task's own deadline passed before ``run()`` returned."""
+
+    exit_code = ExitCode.DEADLINE
+
+
+class TaskInterrupted(KeeperTaskError):  # noqa: N818 - mirrors KeyboardInterrupt
+    """A signal (SIGTERM, SIGINT, CTRL_BREAK) asked the task to stop.
+
+    Attributes:
+        signum: The signal number; the process exits with ``128 + signum``.
+    """
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"interrupted by {name}")
+        self.signum = signum
+        self.exit_code = signal_exit_code(signum)  # type: ignore[misc]
