@@ -25,7 +25,7 @@ from keeper_task.errors import (
 )
 from keeper_task.tls import client_ssl_context
 
-__all__ = ["AgentHttp", "decode_json", "path_segment"]
+__all__ = ["AgentHttp", "certificate_failure", "decode_json", "path_segment"]
 
 
 def path_segment(value: str) -> str:
@@ -116,6 +116,13 @@ class AgentHttp:
                 f"{method} {url} timed out; is the agent running and listening there?", url=url
             ) from exc
         except httpx.ConnectError as exc:
+            if certificate_failure(exc) is not None:
+                raise AgentUnreachableError(
+                    f"TLS certificate of the agent at {self.base_url} was not accepted "
+                    f"({_reason(exc)}); pass the CA bundle your administrator exported "
+                    "(--ca-bundle), or none to use unverified TLS on loopback",
+                    url=url,
+                ) from exc
             raise AgentUnreachableError(
                 f"cannot connect to the agent at {self.base_url}: {_reason(exc)}; check the "
                 "port (Settings:KestrelHttpsPort) and that the agent service runs",
@@ -189,6 +196,25 @@ def decode_json(response: httpx.Response, what: str) -> Any:
             status_code=response.status_code,
             url=str(response.request.url),
         ) from exc
+
+
+def certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """Return the certificate-verification error behind ``exc``, if that is what it is.
+
+    httpcore hides the :mod:`ssl` error in ``__context__`` (it raises ``from None``), so the
+    whole chain is searched.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        todo += [current.__cause__, current.__context__]
+    return None
 
 
 def _tier_hint(tier: str) -> str:
