@@ -10,7 +10,7 @@ re-raised ``from`` the original so the cause stays in the traceback::
     ├── AgentError                   the agent's HTTPS API
     │   ├── AgentUnreachableError    connection, TLS, timeout, 5xx           exit 69
     │   ├── NotTrustedError          403: the caller is on the wrong tier    exit 77
-    │   ├── NotFoundError            404
+    │   ├── NotFoundError            404                                     exit 68
     │   │   ├── PluginNotFoundError  unknown plugin name                     exit 68
     │   │   └── JobNotFoundError     unknown job id
     │   ├── ValidationFailedError    400 with the agent's ``errors`` array
@@ -21,6 +21,8 @@ re-raised ``from`` the original so the cause stays in the traceback::
     │   ├── TopicNotDeclaredError    publish to a topic the task did not declare
     │   └── PublishError             a publish was not acknowledged in time
     ├── JobDefinitionError           a job JSON file cannot be read or parsed
+    ├── EmulatorError                the local agent emulator cannot do it  exit 69
+    ├── BuildError                   packaging a task failed (pip, PyInstaller) exit 70
     ├── TaskFailed                   ``ctx.fail()``: an expected task failure  exit 1
     ├── DeadlineExceeded             the task's own deadline passed          exit 124
     └── TaskInterrupted              SIGTERM / SIGINT / CTRL_BREAK           exit 128+N
@@ -41,7 +43,9 @@ __all__ = [
     "AgentResponseError",
     "AgentUnreachableError",
     "BrokerUnavailableError",
+    "BuildError",
     "DeadlineExceeded",
+    "EmulatorError",
     "JobDefinitionError",
     "JobNotFoundError",
     "KeeperTaskError",
@@ -119,7 +123,7 @@ class NotTrustedError(AgentError):
 class NotFoundError(AgentError):
     """The agent answered 404."""
 
-    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+    exit_code = ExitCode.PLUGIN_NOT_FOUND
 
 
 class PluginNotFoundError(NotFoundError):
@@ -193,7 +197,22 @@ class JobDefinitionError(KeeperTaskError):
     exit_code = ExitCode.BAD_SETTINGS
 
 
-class TaskFailed(KeeperTaskError):  # noqa: N818 - reads as a verb phrase: raise TaskFailed(...)
+class EmulatorError(KeeperTaskError):
+    """The local agent emulator (tooling) cannot do what was asked.
+
+    Port in use, broker failed to start, task binary not found, unreadable state directory.
+    """
+
+    exit_code = ExitCode.AGENT_UNREACHABLE
+
+
+class BuildError(KeeperTaskError):
+    """Packaging a task failed (tooling): build environment, pip, PyInstaller, signing."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class TaskFailed(KeeperTaskError):
     """An expected failure of the task itself; raised by ``ctx.fail()``.
 
     Attributes:
@@ -205,13 +224,16 @@ class TaskFailed(KeeperTaskError):  # noqa: N818 - reads as a verb phrase: raise
         self.exit_code = exit_code  # type: ignore[misc]  # per-instance override of the default
 
 
-class DeadlineExceeded(KeeperTaskError):  # noqa: N818 - mirrors asyncio/grpc naming
+class DeadlineExceeded(KeeperTaskError):
     """The task's own deadline passed before ``run()`` returned."""
 
     exit_code = ExitCode.DEADLINE
 
+    def __init__(self, message: str = "the task's deadline passed before run() returned") -> None:
+        super().__init__(message)
 
-class TaskInterrupted(KeeperTaskError):  # noqa: N818 - mirrors KeyboardInterrupt
+
+class TaskInterrupted(KeeperTaskError):
     """A signal (SIGTERM, SIGINT, CTRL_BREAK) asked the task to stop.
 
     Attributes:

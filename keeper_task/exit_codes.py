@@ -20,7 +20,7 @@ class ExitCode(enum.IntEnum):
     TASK_FAILED = 1
     #: Bad command-line arguments (unknown option, missing ``--keeper-api-base``).
     USAGE = 64
-    #: The agent answered 404 for the plugin whose settings were asked for.
+    #: The agent answered 404: unknown plugin name (or, for tooling, unknown job id).
     PLUGIN_NOT_FOUND = 68
     #: The agent's HTTPS API could not be reached (refused, TLS failure, 5xx past the budget).
     AGENT_UNREACHABLE = 69

@@ -13,7 +13,7 @@ class InventorySettings(TaskSettings):
 
     dry_run: bool = False
     max_items: int = 10
-    tags: list[str] = []
+    tags: list[str] = []  # noqa: RUF012 - pydantic copies field defaults
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_job_identity_comes_from_the_agents_environment(monkeypatch: pytest.Monk
 def test_job_id_with_underscore_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A job id with '_' would name another job on the broker: refused, never rewritten."""
     monkeypatch.setenv("KEEPER_JOB_ID", "disk_usage")
-    with pytest.raises(SettingsError, match="KEEPER_JOB_ID.*contains '_'"):
+    with pytest.raises(SettingsError, match=r"KEEPER_JOB_ID.*contains '_'"):
         parse_settings(TaskSettings, [])
 
 

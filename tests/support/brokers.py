@@ -159,6 +159,9 @@ class BrokerBase:
         """Subscribe a :class:`Collector` to ``topic`` (subscription active on return)."""
         return Collector(self, topic, qos=qos)
 
+    def stop(self) -> None:
+        """Stop the broker (subclasses)."""
+
     def __repr__(self) -> str:
         return f"<{self.name} {'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}>"
 
@@ -178,20 +181,20 @@ class AmqttBroker(BrokerBase):
 
     def start(self) -> AmqttBroker:
         """Start the broker; return once it listens."""
-        from amqtt.broker import Broker  # noqa: PLC0415 - tooling-only import
+        from amqtt.broker import Broker
 
         # amqtt logs every connection at INFO; keep test output readable.
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         self.port = free_port()
         listener: dict[str, Any] = {"type": "tcp", "bind": f"{HOST}:{self.port}"}
         if self._certs is not None:
-            listener.update(
-                ssl=True, certfile=self._certs.cert_pem, keyfile=self._certs.key_pem
-            )
+            listener.update(ssl=True, certfile=self._certs.cert_pem, keyfile=self._certs.key_pem)
         config = {
             "listeners": {"default": listener},
             # Only anonymous auth: no $SYS publisher, no per-packet logging plugins.
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         loop = asyncio.new_event_loop()
         self._loop = loop
@@ -397,8 +400,8 @@ def _collect_main(argv: list[str]) -> int:
     GIL): prints ``ready`` once subscribed, then one JSON line ``{"count", "distinct"}``
     after COUNT messages or TIMEOUT seconds of silence.
     """
-    import json  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import json
+    import sys
 
     host, port, topic, count, timeout = argv[0], int(argv[1]), argv[2], int(argv[3]), float(argv[4])
     broker = BrokerBase()

@@ -1,0 +1,170 @@
+"""Cold start: from exec to entering ``run()`` with settings fetched and MQTT connected.
+
+Run from the repository root (the test extra installed)::
+
+    python benchmarks/cold_start.py [--rounds 15]
+
+Three programs are started as fresh processes, each ``--rounds`` times, alternating:
+
+(a) the hello ``Task`` (keeper-task: arguments, TLS policy, Plugin Settings GET, MQTT
+    connect over TLS, structured logging);
+(b) a hand-written script doing the same steps with argparse + httpx + paho-mqtt;
+(c) the floor: the interpreter plus importing the four runtime dependencies.
+
+Each child prints ``time.time_ns()`` when it reaches its "run" point; the parent subtracts
+the time it spawned the child. A real HTTPS server (throwaway CA) serves the agent settings
+and a real broker (mosquitto when installed, else amqtt in this process) takes the MQTT
+connection. Prints medians and the ratios (goal: a/c <= 1.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import trustme  # noqa: E402
+
+from tests.support.brokers import (  # noqa: E402
+    AmqttBroker,
+    BrokerBase,
+    MosquittoBroker,
+    find_mosquitto,
+    make_ca_files,
+)
+from tests.support.fake_agent import FakeAgent  # noqa: E402
+
+HELLO_TASK = textwrap.dedent(
+    """
+    import os, sys, time
+    from keeper_task import Task, TaskContext
+
+    class Hello(Task):
+        def run(self, ctx: TaskContext) -> None:
+            os.write(1, f"{time.time_ns()}\\n".encode())
+            ctx.log.info("hello", broker=ctx.agent_settings.broker_host)
+
+    if __name__ == "__main__":
+        Hello.main()
+    """
+)
+
+HAND_WRITTEN = textwrap.dedent(
+    """
+    import argparse, json, os, socket, ssl, sys, threading, time
+    import httpx
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--keeper-api-base", required=True)
+    args = p.parse_args()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with httpx.Client(verify=ctx, timeout=5) as http:
+        r = http.get(args.keeper_api_base + "/api/PluginSettings/KeeperPrivilegeManager")
+        r.raise_for_status()
+        settings = r.json()
+    job_id = os.environ["KEEPER_JOB_ID"]
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"{job_id}_hand")
+    if settings.get("broker.tls", "true") != "false":
+        client.tls_set_context(ctx)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.on_socket_open = lambda c, u, s: s.setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.connect(settings["broker.host"], int(settings["broker.port"]), keepalive=30)
+    client.loop_start()
+    connected.wait(10)
+    os.write(1, f"{time.time_ns()}\\n".encode())
+    info = client.publish("KeeperLogger", json.dumps({"message": "hello"}), qos=1)
+    info.wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    """
+)
+
+FLOOR = (
+    "import os, time, httpx, paho.mqtt.client, pydantic_settings, structlog; "
+    "os.write(1, f'{time.time_ns()}\\n'.encode())"
+)
+
+
+def _start_broker(certs_dir: Path) -> BrokerBase:
+    certs = make_ca_files(certs_dir)
+    if find_mosquitto() is not None:
+        return MosquittoBroker(certs=certs).start()
+    return AmqttBroker(certs=certs).start()
+
+
+def _measure(argv: list[str], env: dict[str, str]) -> float:
+    start = time.time_ns()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    reached = int(proc.stdout.strip().splitlines()[0])
+    return (reached - start) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        broker = _start_broker(tmpdir / "certs")
+        settings = {
+            "broker.host": broker.host,
+            "broker.port": str(broker.port),
+            "broker.tls": "true" if broker.tls else "false",
+        }
+        try:
+            with FakeAgent(trustme.CA(), settings) as agent:
+                hello = tmpdir / "hello.py"
+                hello.write_text(HELLO_TASK)
+                hand = tmpdir / "hand.py"
+                hand.write_text(HAND_WRITTEN)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+                env.update(
+                    KEEPER_JOB_ID="bench-job",
+                    KEEPER_JOB_NAME="bench",
+                    KEEPER_TASK_LOG_FORMAT="json",
+                    PYTHONDONTWRITEBYTECODE="1",
+                )
+                base = f"--keeper-api-base={agent.base_url}"
+                programs = {
+                    "a: hello Task": [sys.executable, str(hello), base],
+                    "b: hand-written httpx+paho+argparse": [sys.executable, str(hand), base],
+                    "c: floor (interpreter + 4 imports)": [sys.executable, "-c", FLOOR],
+                }
+                for argv in programs.values():  # warm the OS file cache once
+                    _measure(argv, env)
+                samples: dict[str, list[float]] = {name: [] for name in programs}
+                for _ in range(opts.rounds):
+                    for name, argv in programs.items():
+                        samples[name].append(_measure(argv, env))
+        finally:
+            broker.stop()  # type: ignore[attr-defined]
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"cold start to run(), median of {opts.rounds} rounds (broker: {broker.name}, TLS)")
+    for name, value in medians.items():
+        print(f"  {name:<40} {value:8.1f} ms")
+    a, b, c = medians.values()
+    print(f"ratio a/c = {a / c:.3f}   (goal <= 1.15)")
+    print(f"ratio a/b = {a / b:.3f}   (keeper-task vs. hand-written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""``keeper-task job``: validate job files, deploy them, and drive the agent's Job Management API.
+
+Every agent call is Admin tier (mutual TLS). Credentials come from options or the environment:
+``--url``/``KEEPER_AGENT_URL``, ``--cert``/``KEEPER_ADMIN_CERT``, ``--key``/``KEEPER_ADMIN_KEY``,
+``KEEPER_ADMIN_KEY_PASSWORD`` (environment only: a password on the command line leaks into
+process listings and shell history), ``--ca-bundle``/``KEEPER_CA_BUNDLE``.
+
+Exit codes: 0 success; 1 a job is invalid (offline or per the agent); otherwise the code of
+the :mod:`keeper_task.errors` class that ended the command (printed as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from keeper_task.agent.jobs import DEFAULT_AGENT_URL, JobsClient
+from keeper_task.errors import JobDefinitionError, UsageError
+from keeper_task.jobs import (
+    Job,
+    ValidationReport,
+    default_agent_root,
+    host_os,
+    install_binary,
+    is_builtin_command,
+    load_job,
+    normalize_os,
+    read_job_json,
+    validate_job,
+)
+
+__all__ = ["register"]
+
+AGENT_ROOT_ENV = "KEEPER_AGENT_ROOT"
+EXIT_INVALID = 1
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``job`` command and its sub-commands to the ``keeper-task`` parser."""
+    parser = subparsers.add_parser(
+        "job",
+        help="validate, deploy and manage jobs (agent Job Management API, Admin tier)",
+        description="Validate job JSON offline and manage jobs on the agent (Admin tier, "
+        "mutual TLS). Agent options also read KEEPER_AGENT_URL, KEEPER_ADMIN_CERT, "
+        "KEEPER_ADMIN_KEY, KEEPER_ADMIN_KEY_PASSWORD and KEEPER_CA_BUNDLE.",
+    )
+    parser.set_defaults(func=_help_of(parser))
+    sub = parser.add_subparsers(title="job commands", metavar="COMMAND", parser_class=type(parser))
+
+    agent = argparse.ArgumentParser(add_help=False)
+    group = agent.add_argument_group("agent connection (Admin tier)")
+    group.add_argument(
+        "--url",
+        help=f"agent HTTPS API (env KEEPER_AGENT_URL; default {DEFAULT_AGENT_URL})",
+    )
+    group.add_argument("--cert", help="admin client certificate, PEM (env KEEPER_ADMIN_CERT)")
+    group.add_argument(
+        "--key",
+        help="key of --cert, PEM, if not inside it (env KEEPER_ADMIN_KEY); its password is "
+        "read from KEEPER_ADMIN_KEY_PASSWORD only",
+    )
+    group.add_argument(
+        "--ca-bundle",
+        help="CA bundle to verify the agent (env KEEPER_CA_BUNDLE); without it TLS is "
+        "unverified, which is allowed toward loopback only",
+    )
+    group.add_argument("--timeout", type=float, help="seconds per request (default 30)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    def add(name: str, func: Command, help_text: str, *, agent_options: bool = True) -> Any:
+        parents = [agent, output] if agent_options else [output]
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=parents)
+        p.set_defaults(func=func)
+        return p
+
+    p = add(
+        "validate",
+        _cmd_validate,
+        "check job files offline; with --url/--online also ask the agent's /validate",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="job JSON file(s)")
+    p.add_argument(
+        "--agent-root",
+        help="agent install root: check the task binaries exist under it "
+        f"(env {AGENT_ROOT_ENV}; default: no binary check)",
+    )
+    p.add_argument("--os", dest="os_name", help="OS the agent runs (default: this host)")
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask the agent (at --url, KEEPER_AGENT_URL or the default)",
+    )
+    p.add_argument(
+        "--no-mqtt-logs",
+        dest="logs_via_mqtt",
+        action="store_false",
+        help="the task does not log through KeeperLogger (no warning when it is not allowed)",
+    )
+
+    add("list", _cmd_list, "list the jobs the agent knows")
+    p = add("get", _cmd_get, "print one job definition as JSON")
+    p.add_argument("job_id", metavar="ID")
+    p = add("create", _cmd_create, "create a job from a file (or update it if the id exists)")
+    p.add_argument("file", metavar="FILE")
+    p = add("update", _cmd_update, "replace an existing job; the ID given here wins")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("file", metavar="FILE")
+    p = add("delete", _cmd_delete, "delete a job")
+    p.add_argument("job_id", metavar="ID")
+    p = add("trigger", _cmd_trigger, "trigger a job run, optionally with event context")
+    p.add_argument("job_id", metavar="ID")
+    _add_context(p)
+    p = add("run", _cmd_run, "start a job run (asynchronous on the agent)")
+    p.add_argument("job_id", metavar="ID")
+    add("reload", _cmd_reload, "make the agent re-read Jobs/ from disk")
+
+    p = add(
+        "deploy",
+        _cmd_deploy,
+        "place the binary under Jobs/bin/<command>/, validate, create, optionally trigger",
+    )
+    p.add_argument("file", metavar="FILE", help="job JSON file")
+    p.add_argument(
+        "--binary",
+        required=True,
+        metavar="PATH",
+        help="the built task: one executable, or a PyInstaller onedir folder",
+    )
+    p.add_argument(
+        "--agent-root",
+        help=f"agent install root (env {AGENT_ROOT_ENV}; default {default_agent_root()})",
+    )
+    p.add_argument(
+        "--command",
+        dest="command_name",
+        help="which task command the binary is for, when the job has several",
+    )
+    p.add_argument("--trigger", action="store_true", help="trigger the job once registered")
+    _add_context(p)
+
+
+def _add_context(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--context",
+        metavar="JSON|@FILE",
+        help="event context: a JSON object, or @file holding one (default {})",
+    )
+
+
+def _help_of(parser: argparse.ArgumentParser) -> Command:
+    def show_help(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 64
+
+    return show_help
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> JobsClient:
+    return JobsClient.from_env(
+        url=args.url,
+        client_cert=args.cert,
+        client_key=args.key,
+        ca_bundle=args.ca_bundle,
+        timeout=args.timeout,
+    )
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _agent_root(value: str | None, *, default: bool) -> Path | None:
+    chosen = value or os.environ.get(AGENT_ROOT_ENV) or None
+    if chosen is not None:
+        return Path(chosen)
+    return default_agent_root() if default else None
+
+
+def _os_name(value: str | None) -> str:
+    if value is None:
+        return host_os()
+    try:
+        return normalize_os(value)
+    except ValueError as exc:
+        raise UsageError(f"--os: {exc}") from exc
+
+
+def _parse_context(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    source = "--context"
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        source = f"--context file {path}"
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    try:
+        context = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(context, dict):
+        raise UsageError(f"{source} must be a JSON object of event context keys and values")
+    return context
+
+
+def _located(path: str, message: str) -> str:
+    """Format a file message as ``path: error: ...`` or ``path:L:C: error: ...``."""
+    rest = message.removeprefix(path)
+    if rest != message and rest[:1] == ":":
+        head, _, tail = rest[1:].partition(": ")
+        if head.replace(":", "").isdigit() and tail:
+            return f"{path}:{head}: error: {tail}"
+        return f"{path}: error: {rest[1:].lstrip()}"
+    return f"{path}: error: {message}"
+
+
+def _report_lines(path: str, report: ValidationReport, prefix: str = "") -> list[str]:
+    lines = [f"{path}: {prefix}error: {e}" for e in report.errors]
+    lines += [f"{path}: {prefix}warning: {w}" for w in report.warnings]
+    if report.valid:
+        lines.append(f"{path}: {prefix}valid")
+    else:
+        count = len(report.errors)
+        lines.append(f"{path}: {prefix}invalid ({count} error{'s' if count != 1 else ''})")
+    return lines
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    agent_root = _agent_root(args.agent_root, default=False)
+    os_name = _os_name(args.os_name)
+    online = args.online or args.url is not None
+    client = _client(args) if online else None
+    results: list[dict[str, Any]] = []
+    all_valid = True
+    try:
+        for path in args.files:
+            lines: list[str] = []
+            agent_report: ValidationReport | None = None
+            try:
+                data = read_job_json(path)
+            except JobDefinitionError as exc:
+                report = ValidationReport(valid=False, errors=[str(exc)])
+                lines.append(_located(path, str(exc)))
+                lines.append(f"{path}: invalid (1 error)")
+            else:
+                report = validate_job(
+                    data,
+                    file_name=path,
+                    agent_root=agent_root,
+                    current_os=os_name,
+                    logs_via_mqtt=args.logs_via_mqtt,
+                )
+                lines += _report_lines(path, report)
+                if client is not None and isinstance(data, Mapping):
+                    agent_report = client.validate(data)
+                    lines += _report_lines(path, agent_report, prefix="agent: ")
+            valid = report.valid and (agent_report is None or agent_report.valid)
+            all_valid = all_valid and valid
+            if args.json:
+                entry: dict[str, Any] = {"file": path, **report.to_agent_json()}
+                entry["agent"] = agent_report.to_agent_json() if agent_report else None
+                results.append(entry)
+            else:
+                print("\n".join(lines))
+    finally:
+        if client is not None:
+            client.close()
+    if args.json:
+        _print_json({"valid": all_valid, "files": results})
+    return 0 if all_valid else EXIT_INVALID
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.list()
+    if args.json:
+        _print_json(listing.raw)
+        return 0
+    if not listing.jobs:
+        print("no jobs" + (f" ({listing.message})" if listing.message else ""))
+        return 0
+    rows = [
+        (
+            job.id or "?",
+            {True: "enabled", False: "disabled", None: "-"}[job.enabled],
+            job.name or "",
+        )
+        for job in listing.jobs
+    ]
+    width = max(len(r[0]) for r in rows)
+    for job_id, state, name in rows:
+        print(f"{job_id:<{width}}  {state:<8}  {name}".rstrip())
+    count = listing.count if listing.count is not None else len(rows)
+    print(f"{count} job{'s' if count != 1 else ''}")
+    return 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get(args.job_id)
+    print(job.to_json(indent=2))
+    return 0
+
+
+def _done(args: argparse.Namespace, message: str, job_id: str | None, response: Any) -> int:
+    if args.json:
+        _print_json({"ok": True, "jobId": job_id, "response": response})
+    else:
+        print(message)
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    job = load_job(args.file)
+    with _client(args) as client:
+        response = client.create(job)
+    return _done(args, f"job {job.id!r} created (or updated if it existed)", job.id, response)
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    job = load_job(args.file)
+    if job.id is not None and job.id != args.job_id:
+        print(
+            f"note: {args.file} has id {job.id!r}; the agent uses the URL id {args.job_id!r}",
+            file=sys.stderr,
+        )
+    with _client(args) as client:
+        response = client.update(args.job_id, job)
+    return _done(args, f"job {args.job_id!r} updated", args.job_id, response)
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.delete(args.job_id)
+    return _done(args, f"job {args.job_id!r} deleted", args.job_id, response)
+
+
+def _cmd_trigger(args: argparse.Namespace) -> int:
+    context = _parse_context(args.context)
+    with _client(args) as client:
+        response = client.trigger(args.job_id, context)
+    return _done(args, f"job {args.job_id!r} triggered", args.job_id, response)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.run(args.job_id)
+    return _done(
+        args, f"job {args.job_id!r} started (runs asynchronously)", args.job_id, response
+    )
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.reload()
+    return _done(args, "the agent reloaded its job definitions from disk", None, response)
+
+
+def _deploy_command(job: Job, wanted: str | None) -> str:
+    commands: list[str] = []
+    for task in job.tasks:
+        if task.command and not is_builtin_command(task.command) and task.command not in commands:
+            commands.append(task.command)
+    if wanted is not None:
+        if wanted not in commands:
+            raise UsageError(
+                f"--command {wanted!r} is not a task command of job {job.id!r} "
+                f"(commands: {', '.join(commands) or 'none'})"
+            )
+        return wanted
+    if not commands:
+        raise UsageError(f"job {job.id!r} has no task command that needs a binary")
+    if len(commands) > 1:
+        raise UsageError(
+            f"job {job.id!r} has several task commands ({', '.join(commands)}); "
+            "pass --command NAME for this binary"
+        )
+    return commands[0]
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    steps: list[dict[str, Any]] = []
+
+    def step(name: str, text: str, **fields: Any) -> None:
+        steps.append({"step": name, **fields})
+        if not args.json:
+            print(f"{name}: {text}")
+
+    def finish(code: int) -> int:
+        if args.json:
+            _print_json({"ok": code == 0, "steps": steps})
+        return code
+
+    context = _parse_context(args.context)
+    job = load_job(args.file)
+    command = _deploy_command(job, args.command_name)
+    agent_root = _agent_root(args.agent_root, default=True)
+    assert agent_root is not None  # default=True always gives a root
+    installed = install_binary(args.binary, agent_root, command)
+    note = f" ({len(installed.stale)} older file(s) left in place)" if installed.stale else ""
+    step(
+        "binary",
+        f"{installed.action} {installed.executable}{note}",
+        action=installed.action,
+        path=str(installed.executable),
+        changed=[str(p) for p in installed.changed],
+    )
+
+    offline = validate_job(job, file_name=args.file, agent_root=agent_root)
+    for warning in offline.warnings:
+        if not args.json:
+            print(f"validate: warning: {warning}")
+    if not offline.valid:
+        for error in offline.errors:
+            if not args.json:
+                print(f"validate: error: {error}")
+        step("validate", "invalid; fix the errors above", **offline.to_agent_json())
+        return finish(EXIT_INVALID)
+    summary = f"valid offline ({len(offline.warnings)} warning(s))"
+    step("validate", summary, **offline.to_agent_json())
+
+    with _client(args) as client:
+        remote = client.validate(job)
+        if not remote.valid:
+            for error in remote.errors:
+                if not args.json:
+                    print(f"agent validate: error: {error}")
+            step("agent validate", "invalid; fix the errors above", **remote.to_agent_json())
+            return finish(EXIT_INVALID)
+        for warning in remote.warnings:
+            if not args.json:
+                print(f"agent validate: warning: {warning}")
+        step("agent validate", "valid", **remote.to_agent_json())
+        response = client.create(job)
+        step("create", f"job {job.id!r} registered", response=response)
+        if args.trigger or context is not None:
+            response = client.trigger(str(job.id), context)
+            step("trigger", f"job {job.id!r} triggered", response=response)
+    return finish(0)

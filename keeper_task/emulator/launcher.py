@@ -1,0 +1,502 @@
+"""The emulator's job runner: starts a job's tasks the way the agent's job runner does.
+
+For each task, in order:
+
+1. **Locate the binary**: a ``--task`` override (shlex-split; it replaces the executable, the
+   job's ``arguments`` are still appended), else ``<agent root>/Jobs/bin/<command>/<command>``,
+   else ``executablePath``, else ``PATH``; ``keeper-task dev run`` finally falls back to a
+   ``task.py`` next to the job file, run with the current Python (an emulator convention for
+   unbuilt tasks).
+2. **Arguments**: ``{KeeperApiBaseUrl}`` becomes ``https://127.0.0.1:<port>`` (no trailing
+   slash), then the string is split like a POSIX shell would. The agent's placeholder syntax
+   for job ``parameters`` and the way trigger context reaches a task are undocumented, so the
+   emulator substitutes neither: any other ``{Token}`` left in the arguments is reported as a
+   notice, and the trigger context is only recorded on the :class:`JobRun`.
+3. **Environment**: the emulator's own, minus ``KEEPER_JOB_ID``/``KEEPER_JOB_NAME``/
+   ``KEEPER_API_BASE``; ``KEEPER_JOB_ID``/``KEEPER_JOB_NAME`` are set only when the job declares
+   at least one ``mqttTopics`` entry, as the agent does. ``PYTHONUNBUFFERED=1`` is added so a
+   Python task's output streams live (an emulator convenience). The working directory is the
+   emulator's (the agent's is undocumented).
+4. **Trust**: the PID is registered in the launched-process registry right after the spawn
+   (after ``register_delay`` seconds, when set).
+5. **Timeout**: past ``timeoutSeconds`` the whole process tree is terminated, then killed
+   after ``kill_grace`` seconds (the agent's termination behaviour is undocumented); the task
+   counts as failed with exit code 124.
+6. **Failure**: a non-zero exit, a timeout or a binary that cannot start stops the job unless
+   the task has ``continueOnFailure: true``.
+
+stdout and stderr are captured line by line (and streamed to listeners as
+:class:`~keeper_task.emulator.records.OutputLine`); exit codes and durations are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from keeper_task.emulator.records import Notice, OutputLine, Recorder
+from keeper_task.emulator.tiers import ProcessRegistry
+from keeper_task.errors import EmulatorError
+from keeper_task.jobs.validate import API_BASE_TOKEN
+
+if TYPE_CHECKING:
+    from keeper_task.jobs import Job, JobTask
+
+__all__ = [
+    "API_BASE_TOKEN",
+    "EXIT_NOT_STARTED",
+    "EXIT_TIMEOUT",
+    "JobRun",
+    "Launcher",
+    "TaskRun",
+    "build_argv",
+    "resolve_task_command",
+]
+
+#: Exit code recorded for a task killed at its ``timeoutSeconds``.
+EXIT_TIMEOUT = 124
+#: Exit code recorded for a task whose binary could not be started.
+EXIT_NOT_STARTED = 127
+
+_TOKEN = re.compile(r"\{[A-Za-z][A-Za-z0-9_.:-]*\}")
+_AGENT_ENV = ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE")
+_run_ids = itertools.count(1)
+
+
+@dataclass
+class TaskRun:
+    """One task process of a job run.
+
+    Attributes:
+        task_id: The task's ``id`` (or its index when it has none).
+        argv: The command line started.
+        pid: The process id (None if it never started).
+        exit_code: The exit code; 124 after a timeout, 127 when it could not start,
+            128+N when killed by signal N.
+        timed_out: Killed at ``timeoutSeconds``.
+        error: Why it could not start.
+        duration: Seconds from start to exit.
+    """
+
+    task_id: str
+    name: str | None
+    argv: list[str]
+    pid: int | None = None
+    exit_code: int | None = None
+    timed_out: bool = False
+    error: str | None = None
+    started: float = 0.0
+    duration: float = 0.0
+    stdout_lines: list[str] = field(default_factory=list)
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Exited 0 in time."""
+        return self.exit_code == 0 and not self.timed_out and self.error is None
+
+    @property
+    def stdout(self) -> str:
+        """Everything the task wrote to stdout."""
+        return "".join(line + "\n" for line in self.stdout_lines)
+
+    @property
+    def stderr(self) -> str:
+        """Everything the task wrote to stderr."""
+        return "".join(line + "\n" for line in self.stderr_lines)
+
+
+@dataclass
+class JobRun:
+    """One run of a job (``dev run``, ``POST .../run`` or ``.../trigger``).
+
+    Attributes:
+        run_id: Unique within the emulator.
+        job_id: The job.
+        trigger: ``"run"``, ``"trigger"`` or ``"dev"``.
+        context: The trigger's event context (recorded only, see the module docstring).
+        status: ``running``, ``succeeded``, ``failed``, ``timed_out`` or ``skipped``.
+        tasks: One :class:`TaskRun` per task started.
+    """
+
+    run_id: str
+    job_id: str
+    trigger: str
+    context: dict[str, Any] | None = None
+    status: str = "running"
+    note: str = ""
+    tasks: list[TaskRun] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    #: Set once the run ended and its broker messages were recorded.
+    done: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        """The first failed task's exit code, else 0."""
+        for task in self.tasks:
+            if not task.ok:
+                return task.exit_code if task.exit_code not in (None, 0) else 1
+        return 0
+
+    @property
+    def duration(self) -> float:
+        """Seconds from start to end (so far, while running)."""
+        return (self.ended or time.time()) - self.started
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (used by the API's answers and the CLI summary)."""
+        return {
+            "runId": self.run_id,
+            "jobId": self.job_id,
+            "trigger": self.trigger,
+            "status": self.status,
+            "exitCode": self.exit_code if self.ended else None,
+            "tasks": [
+                {
+                    "id": t.task_id,
+                    "pid": t.pid,
+                    "exitCode": t.exit_code,
+                    "timedOut": t.timed_out,
+                    "error": t.error,
+                    "durationSeconds": round(t.duration, 3),
+                }
+                for t in self.tasks
+            ],
+        }
+
+
+def new_run_id() -> str:
+    """A short unique run id."""
+    return f"run-{next(_run_ids)}"
+
+
+def resolve_task_command(
+    task: JobTask,
+    *,
+    agent_root: Path | None,
+    override: Sequence[str] | None = None,
+    fallback_script: Path | None = None,
+) -> list[str]:
+    """The executable part of a task's command line (see the module docstring for the order).
+
+    Raises:
+        EmulatorError: Nothing found; the message lists where it looked.
+    """
+    from keeper_task.jobs.binary import binary_candidates, is_builtin_command, resolve_binary
+
+    if override:
+        return list(override)
+    command = task.command or ""
+    if command and is_builtin_command(command):
+        raise EmulatorError(
+            f"task {task.id or command!r} uses the agent's built-in command {command!r}, "
+            "which the emulator does not implement; pass --task CMD to run something instead"
+        )
+    found = resolve_binary(task, agent_root, search_path=True)
+    if found is not None:
+        return [str(found)]
+    if fallback_script is not None and fallback_script.is_file():
+        return [sys.executable, str(fallback_script)]
+    looked = [str(p) for p in binary_candidates(task, agent_root)]
+    looked.append("PATH")
+    if fallback_script is not None:
+        looked.append(str(fallback_script))
+    raise EmulatorError(
+        f"task binary for command {command!r} not found (looked in {', '.join(looked)}); "
+        "build it with `keeper-task build` or pass --task 'python path/to/task.py'"
+    )
+
+
+def build_argv(
+    command: Sequence[str], arguments: str | None, api_base: str
+) -> tuple[list[str], list[str]]:
+    """Substitute ``{KeeperApiBaseUrl}`` and split the arguments.
+
+    Returns:
+        ``(argv, unknown_tokens)``: the full command line and any ``{Token}`` left unreplaced.
+    """
+    text = (arguments or "").replace(API_BASE_TOKEN, api_base)
+    unknown = sorted(set(_TOKEN.findall(text)))
+    try:
+        extra = shlex.split(text, posix=os.name != "nt")
+    except ValueError as exc:
+        raise EmulatorError(f"cannot split the task's arguments {arguments!r}: {exc}") from exc
+    return [*command, *extra], unknown
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """Wait for the process to exit.
+
+    ``Process.wait()`` also waits for its pipes to close, which a grandchild that inherited
+    them delays for ever; the return code is set as soon as the process itself is reaped.
+    """
+    while proc.returncode is None:
+        await asyncio.sleep(0.01)
+    return proc.returncode
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Launcher:
+    """Starts job runs in the emulator's event loop.
+
+    Args:
+        registry: Where launched PIDs are registered.
+        recorder: Where output lines and notices go.
+        api_base: The value of ``{KeeperApiBaseUrl}``.
+        register_delay: Seconds between a spawn and its registration.
+        kill_grace: Seconds between terminate and kill on timeout.
+        extra_env: Variables added to every task's environment.
+    """
+
+    def __init__(
+        self,
+        registry: ProcessRegistry,
+        recorder: Recorder,
+        *,
+        api_base: str,
+        register_delay: float = 0.0,
+        kill_grace: float = 2.0,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.recorder = recorder
+        self.api_base = api_base
+        self.register_delay = register_delay
+        self.kill_grace = kill_grace
+        self.extra_env = dict(extra_env or {})
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+
+    def environment(self, job: Job, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment a task of ``job`` starts with (see the module docstring)."""
+        env = {k: v for k, v in os.environ.items() if k not in _AGENT_ENV}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
+        env.update(extra or {})
+        if job.mqtt_topics is not None and job.mqtt_topics.declared:
+            env["KEEPER_JOB_ID"] = job.id or ""
+            env["KEEPER_JOB_NAME"] = job.name or ""
+        return env
+
+    async def run_job(
+        self,
+        job: Job,
+        run: JobRun,
+        *,
+        agent_root: Path | None,
+        override: Sequence[str] | None = None,
+        fallback_script: Path | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> JobRun:
+        """Run every task of ``job`` in order; fills and returns ``run``."""
+        try:
+            for index, task in enumerate(job.tasks):
+                task_run = await self._run_task(
+                    job,
+                    task,
+                    run,
+                    index=index,
+                    agent_root=agent_root,
+                    override=override,
+                    fallback_script=fallback_script,
+                    timeout=timeout,
+                    env=env,
+                )
+                if not task_run.ok and not task.continue_on_failure:
+                    break
+            failed = [t for t in run.tasks if not t.ok]
+            if any(t.timed_out for t in failed):
+                run.status = "timed_out"
+            else:
+                run.status = "failed" if failed else "succeeded"
+        except asyncio.CancelledError:
+            run.status = "failed"
+            run.note = "cancelled: the emulator stopped"
+            raise
+        finally:
+            run.ended = time.time()
+        return run
+
+    async def _run_task(
+        self,
+        job: Job,
+        task: JobTask,
+        run: JobRun,
+        *,
+        index: int,
+        agent_root: Path | None,
+        override: Sequence[str] | None,
+        fallback_script: Path | None,
+        timeout: float | None,
+        env: Mapping[str, str] | None,
+    ) -> TaskRun:
+        task_id = task.id or task.name or f"task-{index + 1}"
+        task_run = TaskRun(task_id=task_id, name=task.name, argv=[])
+        run.tasks.append(task_run)
+        task_run.started = time.time()
+        try:
+            command = resolve_task_command(
+                task, agent_root=agent_root, override=override, fallback_script=fallback_script
+            )
+            argv, unknown = build_argv(command, task.arguments, self.api_base)
+        except EmulatorError as exc:
+            task_run.error = exc.message
+            task_run.exit_code = EXIT_NOT_STARTED
+            self.recorder.add(Notice(f"job {job.id!r} task {task_id!r}: {exc.message}"))
+            return task_run
+        task_run.argv = argv
+        for token in unknown:
+            self.recorder.add(
+                Notice(
+                    f"job {job.id!r} task {task_id!r}: argument token {token} is not "
+                    f"substituted (the agent documents only {API_BASE_TOKEN}; its parameter "
+                    "placeholder syntax is unknown)"
+                )
+            )
+        limit = timeout if timeout is not None else task.timeout_seconds
+        popen_kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        else:
+            popen_kwargs["start_new_session"] = True
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.environment(job, env),
+                **popen_kwargs,
+            )
+        except OSError as exc:
+            task_run.error = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+            task_run.exit_code = EXIT_NOT_STARTED
+            self.recorder.add(Notice(f"job {job.id!r} task {task_id!r}: {task_run.error}"))
+            return task_run
+        pid = proc.pid
+        task_run.pid = pid
+        self.registry.register(pid, job.id or "", delay=self.register_delay)
+        self._procs[pid] = proc
+        readers = [
+            asyncio.ensure_future(self._pump(proc.stdout, "stdout", run, task_run)),
+            asyncio.ensure_future(self._pump(proc.stderr, "stderr", run, task_run)),
+        ]
+        try:
+            try:
+                if limit is not None and limit > 0:
+                    await asyncio.wait_for(_exited(proc), timeout=limit)
+                else:
+                    await _exited(proc)
+            except asyncio.TimeoutError:
+                task_run.timed_out = True
+                self.recorder.add(
+                    Notice(
+                        f"job {job.id!r} task {task_id!r} (pid {pid}) ran past its timeout of "
+                        f"{limit:g} s: killing its process tree"
+                    )
+                )
+                await self.kill_tree(pid)
+                await _exited(proc)
+            task_run.duration = time.monotonic() - started
+            # Processes left in the task's session would hold its pipes open for ever.
+            await self._reap_leftovers(pid, job, task_id)
+            # Output still buffered in the pipes is read to the end.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*readers), timeout=5)
+        except asyncio.CancelledError:
+            await self.kill_tree(pid)
+            raise
+        finally:
+            for reader in readers:
+                reader.cancel()
+            self._procs.pop(pid, None)
+            self.registry.unregister(pid)
+            if not task_run.duration:
+                task_run.duration = time.monotonic() - started
+        code = proc.returncode if proc.returncode is not None else -9
+        task_run.exit_code = EXIT_TIMEOUT if task_run.timed_out else _exit_code(code)
+        return task_run
+
+    async def _pump(
+        self, stream: asyncio.StreamReader | None, name: str, run: JobRun, task_run: TaskRun
+    ) -> None:
+        if stream is None:
+            return
+        lines = task_run.stdout_lines if name == "stdout" else task_run.stderr_lines
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is there
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            lines.append(text)
+            self.recorder.add(OutputLine(run.run_id, task_run.task_id, name, text, task_run.pid))
+
+    async def kill_tree(self, pid: int) -> None:
+        """Terminate ``pid`` and its descendants, then kill what is left after the grace."""
+        await asyncio.to_thread(_kill_tree, pid, self.kill_grace)
+
+    async def _reap_leftovers(self, pid: int, job: Job, task_id: str) -> None:
+        """Kill processes the task left running in its session (POSIX)."""
+        if os.name == "nt":
+            return
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        self.recorder.add(
+            Notice(
+                f"job {job.id!r} task {task_id!r} left processes running after it exited; "
+                "the emulator killed them (a job task must not leave daemons behind)"
+            )
+        )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    async def stop_all(self) -> None:
+        """Kill every running task (the emulator is stopping)."""
+        for pid in list(self._procs):
+            await self.kill_tree(pid)
+
+
+def _kill_tree(pid: int, grace: float) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=grace) if procs else ([], [])
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if alive:
+        psutil.wait_procs(alive, timeout=5)
+    if os.name != "nt":
+        # Grandchildren that re-parented away from the tree are still in the task's session.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,707 @@
+"""Offline validation of a job definition: the agent's rules, checked before deployment.
+
+:func:`validate_job` returns the same shape as the agent's ``POST /api/Jobs/validate``
+(``valid``, ``errors``, ``warnings``, ``jobId``) and never raises on any input.
+
+Which rules come from where (agent-facts.md sections 2, 3 and 6):
+
+* [doc] id present, no underscore, equal to the file name; required ``id``, ``name``,
+  ``enabled``, ``tasks`` and at least one of ``events``/``schedule``; one schedule mode;
+  priority 1-10; ``command`` a bare name; ``executablePath`` absolute; the binary exists
+  unless ``osFilter`` excludes this OS; ``eventTopic`` listed in ``allowedPublications``;
+  ``KEEPER_JOB_ID`` only set when ``mqttTopics`` lists a topic; 5-field cron.
+* [inferred] — the agent's exact behaviour is unknown, ours is stated:
+  keys match case-insensitively, and two spellings of one key are an error; ``null`` in an
+  optional field counts as absent; an empty ``events`` list is no trigger; ``timeoutSeconds``
+  and ``intervalMinutes`` must be positive integers; ``name`` must be non-empty; an unknown
+  ``executionType`` value is an error (the agent binds it to an enum); a missing ``osFilter``
+  key means "allowed"; ``{approot}`` at the start of ``executablePath`` counts as absolute;
+  the id must not contain ``/`` or ``\\`` (it is a file name).
+* Warnings only (our advice, not agent rules): disabled job, missing ``timeoutSeconds``,
+  ``arguments`` without ``{KeeperApiBaseUrl}``, ``KeeperLogger`` not publishable,
+  wildcards in publications, unknown ``osFilter`` keys, near-miss key spellings
+  (``timeout_seconds``), a ``runAt`` that is not ISO 8601 (the format is [UNKNOWN]),
+  ``calendar`` is not checked at all (format [UNKNOWN]).
+"""
+
+from __future__ import annotations
+
+import json
+import ntpath
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from keeper_task.jobs.binary import (
+    binary_candidates,
+    host_os,
+    is_absolute_path,
+    is_builtin_command,
+    normalize_os,
+    resolve_binary,
+)
+from keeper_task.jobs.model import (
+    EXECUTION_TYPES,
+    Job,
+    JobTask,
+    format_validation_errors,
+    json_type_name,
+)
+
+__all__ = ["API_BASE_TOKEN", "LOGGER_TOPIC", "ValidationReport", "validate_job"]
+
+#: The argument token the agent replaces with its HTTPS API base URL.
+API_BASE_TOKEN = "{KeeperApiBaseUrl}"  # noqa: S105 - a token name, not a secret
+#: The topic the agent's log pipeline subscribes to.
+LOGGER_TOPIC = "KeeperLogger"
+
+# Extensions that show a path or script was put into `command` instead of a bare name.
+_EXTENSIONS = frozenset({
+    ".exe", ".com", ".bat", ".cmd", ".ps1", ".psm1", ".vbs", ".js", ".msi", ".dll", ".sh",
+    ".bash", ".zsh", ".ksh", ".py", ".pyw", ".pyz", ".pyc", ".pl", ".rb", ".jar", ".bin",
+    ".out", ".app", ".run", ".appimage",
+})
+_CRON_FIELD = re.compile(r"^[\w*/,?#-]+$")
+
+
+@dataclass
+class ValidationReport:
+    """The result of validating one job, shaped like the agent's ``/validate`` answer.
+
+    Attributes:
+        valid: True when there are no errors (warnings do not count).
+        errors: One line per problem that makes the agent refuse the job.
+        warnings: One line per problem the agent accepts but that will likely bite.
+        job_id: The job's id, when it has a string one.
+        raw: The agent's original answer, when the report came from the agent.
+    """
+
+    valid: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    job_id: str | None = None
+    raw: Any = field(default=None, compare=False, repr=False)
+
+    def to_agent_json(self) -> dict[str, Any]:
+        """Return ``{"valid", "errors", "warnings", "jobId"}`` as the agent answers."""
+        return {
+            "valid": self.valid,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "jobId": self.job_id,
+        }
+
+    @classmethod
+    def from_agent_json(cls, body: Any) -> ValidationReport:
+        """Read the agent's ``/validate`` answer (keys in any casing).
+
+        The element type of ``errors``/``warnings`` is [UNKNOWN]: strings are kept, objects
+        contribute their ``message`` (or their JSON text).
+
+        Raises:
+            ValueError: ``body`` is not a JSON object.
+        """
+        if not isinstance(body, Mapping):
+            raise ValueError(f"expected a JSON object, got {json_type_name(body)}")
+        lowered = {str(k).lower(): v for k, v in body.items()}
+        errors = _messages(lowered.get("errors"))
+        warnings = _messages(lowered.get("warnings"))
+        valid = lowered.get("valid")
+        job_id = lowered.get("jobid")
+        return cls(
+            valid=valid if isinstance(valid, bool) else not errors,
+            errors=errors,
+            warnings=warnings,
+            job_id=job_id if isinstance(job_id, str) else None,
+            raw=body,
+        )
+
+
+def _messages(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            lowered = {str(k).lower(): v for k, v in item.items()}
+            message = lowered.get("message") or lowered.get("error")
+            out.append(message if isinstance(message, str) else json.dumps(item, default=str))
+        else:
+            out.append(json.dumps(item, default=str))
+    return out
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, message: str) -> None:
+        if message not in self.errors:
+            self.errors.append(message)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+class _Obj:
+    """Case-insensitive read access to one JSON object, reporting keys spelled twice."""
+
+    def __init__(
+        self, data: Mapping[Any, Any], where: str, out: _Collector, known: tuple[str, ...]
+    ) -> None:
+        self.where = where
+        self.out = out
+        self.by_lower: dict[str, list[Any]] = {}
+        for key in data:
+            if not isinstance(key, str):
+                out.error(f"{self._at()}keys must be strings, got {key!r}")
+                continue
+            self.by_lower.setdefault(key.lower(), []).append(key)
+        self.data = data
+        canonical = {k.lower(): k for k in known}
+        for lower, spellings in self.by_lower.items():
+            if len(spellings) > 1 and lower in canonical:
+                listed = " and ".join(repr(s) for s in spellings)
+                out.error(f"{self._at()}{listed} are the same key spelled twice; keep one")
+            elif len(spellings) == 1 and lower not in canonical:
+                squashed = lower.replace("_", "").replace("-", "")
+                if squashed in canonical and squashed != lower:
+                    out.warn(
+                        f"{self._at()}unknown key {spellings[0]!r} is ignored by the agent; "
+                        f"did you mean {canonical[squashed]!r}?"
+                    )
+
+    def _at(self) -> str:
+        return f"{self.where}: " if self.where else ""
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str) -> Any:
+        """Return the value of ``key`` (any casing), None when absent or null."""
+        spellings = self.by_lower.get(key.lower())
+        if not spellings:
+            return None
+        return self.data[spellings[0]]
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
+
+
+def _keys_of(model: type[Any]) -> tuple[str, ...]:
+    return tuple(info.alias or name for name, info in model.model_fields.items())
+
+
+_JOB_KEYS = _keys_of(Job)
+_TASK_KEYS = _keys_of(JobTask)
+_SCHEDULE_KEYS = ("intervalMinutes", "cronExpression", "runAt", "calendar")
+_OS_FILTER_KEYS = ("windows", "linux", "macOS")
+_MQTT_KEYS = ("allowedPublications", "allowedSubscriptions")
+
+
+def validate_job(
+    job: Job | Mapping[str, Any] | Any,
+    *,
+    file_name: str | os.PathLike[str] | None = None,
+    agent_root: str | os.PathLike[str] | None = None,
+    current_os: str | None = None,
+    logs_via_mqtt: bool = True,
+) -> ValidationReport:
+    """Check a job against the agent's rules, offline.
+
+    Args:
+        job: A :class:`Job`, or the parsed JSON value (any value: a non-object is an error).
+        file_name: The job file's name or path; its stem must equal the id.
+        agent_root: The agent's install root; when given, the task binaries must exist.
+        current_os: The OS the agent runs on (default: this host), for ``osFilter`` and the
+            binary's ``.exe`` suffix.
+        logs_via_mqtt: The task logs through ``KeeperLogger``: warn when it may not publish.
+
+    Returns:
+        The report; ``valid`` is False when there is at least one error.
+
+    Raises:
+        ValueError: ``current_os`` is not ``windows``, ``linux`` or ``macos``. (The job
+            itself never makes this function raise.)
+    """
+    os_name = normalize_os(current_os) if current_os else host_os()
+    out = _Collector()
+    data: Any = job.to_json_dict() if isinstance(job, Job) else job
+    job_id: str | None = None
+    if not isinstance(data, Mapping):
+        out.error(f"a job must be a JSON object, got {json_type_name(data)}")
+    else:
+        try:
+            job_id = _check_job(
+                data, out, file_name=file_name, agent_root=agent_root, os_name=os_name,
+                logs_via_mqtt=logs_via_mqtt,
+            )
+        except Exception as exc:  # a validator bug must still give a report, never raise
+            out.error(f"internal validator error ({type(exc).__name__}: {exc}); please report it")
+    return ValidationReport(
+        valid=not out.errors, errors=out.errors, warnings=out.warnings, job_id=job_id
+    )
+
+
+def _check_job(
+    data: Mapping[Any, Any],
+    out: _Collector,
+    *,
+    file_name: str | os.PathLike[str] | None,
+    agent_root: str | os.PathLike[str] | None,
+    os_name: str,
+    logs_via_mqtt: bool,
+) -> str | None:
+    obj = _Obj(data, "", out, _JOB_KEYS)
+    job_id = _check_id(obj, out, file_name)
+    _require_string(obj, "name", out, required=True)
+    _require_string(obj, "description", out, required=False, allow_empty=True)
+
+    enabled = obj.get("enabled")
+    if enabled is None:
+        out.error("enabled is missing (true or false)")
+    elif not isinstance(enabled, bool):
+        out.error(f"enabled must be true or false, got {json_type_name(enabled)}")
+    elif not enabled:
+        out.warn("enabled is false: the job never runs, and run/trigger answer 400")
+
+    priority = obj.get("priority")
+    if priority is not None:
+        if not _is_int(priority):
+            out.error(f"priority must be an integer from 1 to 10, got {json_type_name(priority)}")
+        elif not 1 <= priority <= 10:
+            out.error(f"priority must be from 1 to 10, got {priority}")
+
+    has_schedule = _check_schedule(obj.get("schedule"), out)
+    has_events = _check_events(obj.get("events"), out)
+    if not has_schedule and not has_events:
+        out.error(
+            "the job has no trigger: give a schedule, or events such as "
+            '[{"eventType": "Startup"}]'
+        )
+
+    parameters = obj.get("parameters")
+    if parameters is not None and not isinstance(parameters, list):
+        out.error(f"parameters must be an array, got {json_type_name(parameters)}")
+
+    alternate = obj.get("alternateJobId")
+    if alternate is not None:
+        if not isinstance(alternate, str):
+            out.error(f"alternateJobId must be a string, got {json_type_name(alternate)}")
+        elif alternate == job_id:
+            out.warn("alternateJobId names the job itself")
+
+    os_allowed = _check_os_filter(obj.get("osFilter"), out, os_name)
+    publications = _check_mqtt(obj.get("mqttTopics"), out, logs_via_mqtt)
+
+    event_topic = obj.get("eventTopic")
+    if event_topic is not None:
+        if not isinstance(event_topic, str) or not event_topic.strip():
+            out.error(f"eventTopic must be a non-empty string, got {_show(event_topic)}")
+        elif publications is not None and event_topic not in publications:
+            out.error(
+                f"eventTopic {event_topic!r} is not in mqttTopics.allowedPublications; "
+                "the broker would drop the job's events silently"
+            )
+        elif publications is None:
+            out.error(
+                f"eventTopic {event_topic!r} needs mqttTopics.allowedPublications listing it; "
+                "the broker would drop the job's events silently"
+            )
+
+    _check_tasks(obj.get("tasks"), out, agent_root, os_name, os_allowed)
+
+    if not out.errors:
+        # The model must accept whatever the rules accept; report it if not.
+        try:
+            Job.model_validate(data)
+        except ValidationError as exc:
+            for line in format_validation_errors(exc):
+                out.error(line)
+    return job_id
+
+
+def _check_id(
+    obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | None
+) -> str | None:
+    job_id = obj.get("id")
+    if job_id is None:
+        out.error("id is missing")
+        job_id = None
+    elif not isinstance(job_id, str):
+        out.error(f"id must be a string, got {json_type_name(job_id)}")
+        job_id = None
+    elif not job_id.strip():
+        out.error("id is empty")
+    else:
+        if "_" in job_id:
+            out.error(
+                f"id {job_id!r} contains an underscore; the agent's MQTT broker splits client "
+                f"ids on '_', use hyphens: {job_id.replace('_', '-')!r}"
+            )
+        if "/" in job_id or "\\" in job_id:
+            out.error(f"id {job_id!r} must not contain '/' or '\\' (it names Jobs/<id>.json)")
+        if job_id != job_id.strip():
+            out.error(f"id {job_id!r} has leading or trailing spaces")
+    if file_name is not None:
+        name = ntpath.basename(posixpath.basename(os.fspath(file_name)))
+        if not name.lower().endswith(".json"):
+            out.warn(f"file {name!r} does not end in .json; the agent only loads Jobs/*.json")
+            stem = name
+        else:
+            stem = name[: -len(".json")]
+        if isinstance(job_id, str) and job_id != stem:
+            out.error(
+                f"id {job_id!r} does not match the file name {name!r}; "
+                f"the agent requires Jobs/<id>.json (rename the file to {job_id}.json)"
+            )
+    return job_id if isinstance(job_id, str) else None
+
+
+def _require_string(
+    obj: _Obj, key: str, out: _Collector, *, required: bool, allow_empty: bool = False
+) -> str | None:
+    value = obj.get(key)
+    path = obj.path(key)
+    if value is None:
+        if required:
+            out.error(f"{path} is missing")
+        return None
+    if not isinstance(value, str):
+        out.error(f"{path} must be a string, got {json_type_name(value)}")
+        return None
+    if not allow_empty and not value.strip():
+        out.error(f"{path} is empty")
+        return None
+    return value
+
+
+def _check_schedule(schedule: Any, out: _Collector) -> bool:
+    if schedule is None:
+        return False
+    if not isinstance(schedule, Mapping):
+        out.error(f"schedule must be an object, got {json_type_name(schedule)}")
+        return True
+    obj = _Obj(schedule, "schedule", out, _SCHEDULE_KEYS)
+    modes = [key for key in _SCHEDULE_KEYS if obj.has(key)]
+    if not modes:
+        out.error(
+            "schedule names no mode; give exactly one of intervalMinutes, cronExpression, "
+            "runAt, calendar (or omit schedule for an event-only job)"
+        )
+    elif len(modes) > 1:
+        out.error(f"schedule has {len(modes)} modes ({', '.join(modes)}); the agent allows one")
+    interval = obj.get("intervalMinutes")
+    if interval is not None and (not _is_int(interval) or interval <= 0):
+        out.error(f"schedule.intervalMinutes must be a positive integer, got {_show(interval)}")
+    cron = obj.get("cronExpression")
+    if cron is not None:
+        if not isinstance(cron, str):
+            out.error(f"schedule.cronExpression must be a string, got {json_type_name(cron)}")
+        else:
+            fields = cron.split()
+            if len(fields) != 5:
+                out.error(
+                    f"schedule.cronExpression {cron!r} has {len(fields)} fields; the agent "
+                    "expects standard 5-field cron (minute hour day month weekday)"
+                )
+            elif not all(_CRON_FIELD.match(f) for f in fields):
+                out.error(f"schedule.cronExpression {cron!r} contains invalid characters")
+    run_at = obj.get("runAt")
+    if run_at is not None:
+        if not isinstance(run_at, str) or not run_at.strip():
+            out.error(f"schedule.runAt must be a non-empty string, got {_show(run_at)}")
+        elif not _is_iso8601(run_at):
+            out.warn(
+                f"schedule.runAt {run_at!r} is not ISO 8601; the agent's format is "
+                "undocumented, check it against a live agent"
+            )
+    return True
+
+
+def _check_events(events: Any, out: _Collector) -> bool:
+    if events is None:
+        return False
+    if not isinstance(events, list):
+        out.error(f"events must be an array, got {json_type_name(events)}")
+        return True
+    for index, event in enumerate(events):
+        where = f"events[{index}]"
+        if isinstance(event, str):
+            if not event.strip():
+                out.error(f"{where} is an empty event name")
+        elif isinstance(event, Mapping):
+            obj = _Obj(event, where, out, ("eventType",))
+            event_type = obj.get("eventType")
+            if event_type is None:
+                out.error(f'{where} has no eventType (write {{"eventType": "Startup"}})')
+            elif not isinstance(event_type, str) or not event_type.strip():
+                out.error(f"{where}.eventType must be a non-empty string, got {_show(event_type)}")
+        else:
+            out.error(
+                f"{where} must be an event name or an object with eventType, "
+                f"got {json_type_name(event)}"
+            )
+    return bool(events)
+
+
+def _check_os_filter(value: Any, out: _Collector, os_name: str) -> bool:
+    """Check osFilter; return whether ``os_name`` runs the job."""
+    if value is None:
+        return True
+    if not isinstance(value, Mapping):
+        out.error(f"osFilter must be an object, got {json_type_name(value)}")
+        return True
+    obj = _Obj(value, "osFilter", out, _OS_FILTER_KEYS)
+    known = {k.lower() for k in _OS_FILTER_KEYS}
+    for lower, spellings in obj.by_lower.items():
+        if lower not in known:
+            out.warn(f"osFilter key {spellings[0]!r} is unknown (known: windows, linux, macOS)")
+    flags: dict[str, Any] = {}
+    for key, name in zip(_OS_FILTER_KEYS, ("windows", "linux", "macos"), strict=True):
+        flag = obj.get(key)
+        if flag is not None and not isinstance(flag, bool):
+            out.error(f"osFilter.{key} must be true or false, got {json_type_name(flag)}")
+        flags[name] = flag
+    if all(flags[name] is False for name in flags):
+        out.warn("osFilter excludes every OS: the job never runs")
+    return flags.get(os_name) is not False
+
+
+def _check_mqtt(value: Any, out: _Collector, logs_via_mqtt: bool) -> list[str] | None:
+    """Check mqttTopics; return the publications (None when none are declared)."""
+    no_mqtt = (
+        "no topic in mqttTopics: the agent does not set KEEPER_JOB_ID/KEEPER_JOB_NAME, so the "
+        "task cannot use MQTT or log to KeeperLogger"
+    )
+    if value is None:
+        out.warn(no_mqtt)
+        return None
+    if not isinstance(value, Mapping):
+        out.error(f"mqttTopics must be an object, got {json_type_name(value)}")
+        return None
+    obj = _Obj(value, "mqttTopics", out, _MQTT_KEYS)
+    lists: dict[str, list[str]] = {}
+    for key in _MQTT_KEYS:
+        topics = obj.get(key)
+        lists[key] = []
+        if topics is None:
+            continue
+        if not isinstance(topics, list):
+            out.error(f"mqttTopics.{key} must be an array of topics, got {json_type_name(topics)}")
+            continue
+        for index, topic in enumerate(topics):
+            if not isinstance(topic, str) or not topic.strip():
+                out.error(
+                    f"mqttTopics.{key}[{index}] must be a non-empty topic, got {_show(topic)}"
+                )
+            else:
+                lists[key].append(topic)
+    publications = lists["allowedPublications"]
+    for topic in publications:
+        if "+" in topic or "#" in topic:
+            out.warn(
+                f"mqttTopics.allowedPublications entry {topic!r} has a wildcard; MQTT "
+                "publishes name one topic, and wildcard matching for jobs is undocumented"
+            )
+    if not publications and not lists["allowedSubscriptions"]:
+        out.warn(no_mqtt)
+        return publications if obj.has("allowedPublications") else None
+    if logs_via_mqtt and LOGGER_TOPIC not in publications:
+        out.warn(
+            f"{LOGGER_TOPIC} is not in mqttTopics.allowedPublications: the task's logs "
+            "would be dropped silently"
+        )
+    return publications
+
+
+def _check_tasks(
+    tasks: Any,
+    out: _Collector,
+    agent_root: str | os.PathLike[str] | None,
+    os_name: str,
+    os_allowed: bool,
+) -> None:
+    if tasks is None:
+        out.error("tasks is missing (an array with at least one task)")
+        return
+    if not isinstance(tasks, list):
+        out.error(f"tasks must be an array, got {json_type_name(tasks)}")
+        return
+    if not tasks:
+        out.error("tasks is empty; a job needs at least one task")
+        return
+    seen_ids: set[str] = set()
+    for index, task in enumerate(tasks):
+        where = f"tasks[{index}]"
+        if not isinstance(task, Mapping):
+            out.error(f"{where} must be an object, got {json_type_name(task)}")
+            continue
+        obj = _Obj(task, where, out, (*_TASK_KEYS, "ExecutionType"))
+        task_id = _require_string(obj, "id", out, required=False)
+        if task_id is not None:
+            if task_id in seen_ids:
+                out.warn(f"{where}.id {task_id!r} is used by an earlier task too")
+            seen_ids.add(task_id)
+        _require_string(obj, "name", out, required=False, allow_empty=True)
+        _require_string(obj, "scriptType", out, required=False)
+        execution_type = obj.get("executionType")
+        if execution_type is not None:
+            if not isinstance(execution_type, str):
+                out.error(f"{where}.executionType must be a string, got {_show(execution_type)}")
+            elif execution_type.lower() not in {t.lower() for t in EXECUTION_TYPES}:
+                out.error(
+                    f"{where}.executionType {execution_type!r} is not one of "
+                    f"{', '.join(EXECUTION_TYPES)}"
+                )
+        timeout = obj.get("timeoutSeconds")
+        if timeout is None:
+            out.warn(f"{where} has no timeoutSeconds; the agent's default is undocumented")
+        elif not _is_int(timeout) or timeout <= 0:
+            out.error(f"{where}.timeoutSeconds must be a positive integer, got {_show(timeout)}")
+        cof = obj.get("continueOnFailure")
+        if cof is not None and not isinstance(cof, bool):
+            out.error(f"{where}.continueOnFailure must be true or false, got {_show(cof)}")
+        command = _check_command(obj, out, where)
+        _check_executable_path(obj, out, where, command)
+        builtin = command is not None and is_builtin_command(command)
+        _check_arguments(obj, out, where, builtin)
+        if agent_root is not None and os_allowed and command is not None and not builtin:
+            _check_binary(
+                task, out, where, agent_root=agent_root, os_name=os_name, command=command
+            )
+
+
+def _check_command(obj: _Obj, out: _Collector, where: str) -> str | None:
+    command = obj.get("command")
+    if command is None:
+        out.error(f"{where}.command is missing (the binary's bare name, e.g. 'MyTool')")
+        return None
+    if not isinstance(command, str) or not command.strip():
+        out.error(f"{where}.command must be a non-empty name, got {_show(command)}")
+        return None
+    bare = ntpath.basename(posixpath.basename(command))
+    stem, ext = os.path.splitext(bare)
+    if re.search(r"[\\/:]", command):
+        out.error(
+            f"{where}.command {command!r} must be a bare name without a path; put "
+            f"{stem or bare!r} in command and the full path in executablePath"
+        )
+        return None
+    if command != command.strip():
+        out.error(f"{where}.command {command!r} has leading or trailing spaces")
+        return None
+    if ext.lower() in _EXTENSIONS:
+        out.error(
+            f"{where}.command {command!r} must be the bare name without extension: {stem!r}"
+        )
+        return None
+    if ext:
+        out.warn(
+            f"{where}.command {command!r} contains a dot; the agent expects the bare "
+            "binary name without extension"
+        )
+    return command
+
+
+def _check_executable_path(
+    obj: _Obj, out: _Collector, where: str, command: str | None
+) -> str | None:
+    path = obj.get("executablePath")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.strip():
+        out.error(f"{where}.executablePath must be a non-empty string, got {_show(path)}")
+        return None
+    if not is_absolute_path(path):
+        out.error(
+            f"{where}.executablePath {path!r} must be absolute (C:\\... or /...); "
+            "or leave it out and use Jobs/bin/<command>/"
+        )
+        return None
+    if command is not None:
+        stem = os.path.splitext(ntpath.basename(posixpath.basename(path)))[0]
+        if stem.lower() != command.lower():
+            out.warn(
+                f"{where}.executablePath {path!r} names a different file than "
+                f"command {command!r}"
+            )
+    return path
+
+
+def _check_arguments(obj: _Obj, out: _Collector, where: str, builtin: bool) -> None:
+    arguments = obj.get("arguments")
+    if arguments is not None and not isinstance(arguments, str):
+        out.error(f"{where}.arguments must be one string, got {json_type_name(arguments)}")
+        return
+    if builtin:
+        return
+    text = arguments or ""
+    if API_BASE_TOKEN in text:
+        return
+    if API_BASE_TOKEN.lower() in text.lower():
+        out.warn(
+            f"{where}.arguments spells {API_BASE_TOKEN} with different casing; the agent "
+            "may not substitute it"
+        )
+    else:
+        out.warn(
+            f"{where}.arguments never passes {API_BASE_TOKEN}; the task cannot find the "
+            f"agent's API (add --keeper-api-base={API_BASE_TOKEN})"
+        )
+
+
+def _check_binary(
+    task: Mapping[str, Any],
+    out: _Collector,
+    where: str,
+    *,
+    agent_root: str | os.PathLike[str],
+    os_name: str,
+    command: str,
+) -> None:
+    found = resolve_binary(task, agent_root, os_name)
+    if found is None:
+        tried = " or ".join(str(p) for p in binary_candidates(task, agent_root, os_name))
+        out.error(
+            f"{where}: binary for command {command!r} not found at {tried}; "
+            "deploy the binary first (keeper-task job deploy --binary)"
+        )
+        return
+    if os_name == host_os() != "windows" and not os.access(found, os.X_OK):
+        out.error(f"{where}: binary {found} is not executable; run chmod +x on it")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_iso8601(text: str) -> bool:
+    candidate = text.strip()
+    if candidate.endswith(("Z", "z")):  # Python 3.10's fromisoformat rejects "Z"
+        candidate = candidate[:-1] + "+00:00"
+    try:
+        datetime.fromisoformat(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """Show a bad value briefly: strings quoted, other types named."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:40] + "...")
+    if _is_int(value) or isinstance(value, float):
+        return repr(value)
+    return json_type_name(value)

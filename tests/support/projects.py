@@ -1,0 +1,92 @@
+"""Helpers for tests that install generated projects or wheels into throwaway venvs.
+
+An *overlay venv* is a venv without pip (created in well under a second) whose site-packages
+holds a ``.pth`` file listing this test environment's site-packages: what gets installed into
+the overlay shadows the test environment, everything else (httpx, pytest, hatchling, ...) is
+still importable. Nothing is ever installed into the shared test environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter of ``venv``."""
+    if os.name == "nt":
+        return venv / "Scripts" / "python.exe"
+    return venv / "bin" / "python"
+
+
+def venv_bin(venv: Path) -> Path:
+    """The scripts directory of ``venv``."""
+    return venv / ("Scripts" if os.name == "nt" else "bin")
+
+
+def make_overlay_venv(venv: Path, *, include_checkout: bool) -> Path:
+    """Create an overlay venv; return its interpreter.
+
+    Args:
+        venv: Where to create it.
+        include_checkout: Also put this repository on the path (keeper_task from source),
+            as an editable install would.
+    """
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    py = venv_python(venv)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    paths = []
+    if include_checkout:
+        paths.append(str(REPO_ROOT))
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths()[key]
+        if path not in paths:
+            paths.append(path)
+    Path(site, "_keeper_task_test_overlay.pth").write_text("\n".join(paths) + "\n")
+    return py
+
+
+def pip_install(py: Path, *targets: str | Path, extra: Sequence[str] = ()) -> None:
+    """Install ``targets`` into the venv of ``py`` with this environment's pip, no deps."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            *extra,
+            *(str(t) for t in targets),
+        ],
+        check=True,
+        timeout=300,
+    )
+
+
+def env_with_venv(venv: Path) -> dict[str, str]:
+    """The current environment with ``venv``'s scripts first on PATH (as if activated)."""
+    env = dict(os.environ)
+    env["PATH"] = str(venv_bin(venv)) + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = str(venv)
+    for name in ("PYTHONPATH", "KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE"):
+        env.pop(name, None)
+    return env

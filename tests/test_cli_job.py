@@ -1,0 +1,463 @@
+"""Tests for ``keeper-task job``: offline validation, every agent command, and deploy."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keeper_task.cli import main
+from tests.support.https import HttpsServer, Response
+from tests.support.jobs import AdminPki, FakeJobsAgent, example_job, write_job
+
+ENV_VARS = (
+    "KEEPER_AGENT_URL",
+    "KEEPER_ADMIN_CERT",
+    "KEEPER_ADMIN_KEY",
+    "KEEPER_ADMIN_KEY_PASSWORD",
+    "KEEPER_CA_BUNDLE",
+    "KEEPER_AGENT_ROOT",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> AdminPki:
+    return AdminPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def _shared_server(pki: AdminPki) -> Iterator[HttpsServer]:
+    with pki.server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(_shared_server: HttpsServer) -> Iterator[HttpsServer]:
+    _shared_server.routes.clear()
+    _shared_server.requests.clear()
+    yield _shared_server
+    _shared_server.routes.clear()
+
+
+@pytest.fixture
+def agent(server: HttpsServer) -> FakeJobsAgent:
+    return FakeJobsAgent(server)
+
+
+@pytest.fixture
+def conn(server: HttpsServer, pki: AdminPki) -> list[str]:
+    """Connection options for the test agent."""
+    return [
+        "--url",
+        server.base_url,
+        "--cert",
+        str(pki.admin_pem),
+        "--ca-bundle",
+        str(pki.ca_bundle),
+    ]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- validate --------------------------------------------------------------------------------
+
+
+def test_validate_valid_file_prints_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid job prints `path: valid` and exits 0."""
+    path = write_job(tmp_path, example_job())
+    code, out, err = run(capsys, "job", "validate", str(path))
+    assert (code, out, err) == (0, f"{path}: valid\n", "")
+
+
+def test_validate_reports_errors_and_warnings_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each error and warning is one `path: error:`/`path: warning:` line; exit 1."""
+    job = example_job("bad_id")
+    job["tasks"][0]["arguments"] = "--x"
+    path = write_job(tmp_path, job, name="other.json")
+    code, out, _ = run(capsys, "job", "validate", str(path))
+    lines = out.splitlines()
+    assert code == 1
+    assert f"{path}: error: id 'bad_id' contains an underscore" in lines[0]
+    assert lines[1].startswith(f"{path}: error: id 'bad_id' does not match the file name")
+    assert any(
+        line.startswith(f"{path}: warning: tasks[0].arguments never passes") for line in lines
+    )
+    assert lines[-1] == f"{path}: invalid (2 errors)"
+
+
+def test_validate_malformed_and_missing_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Malformed JSON is shown as path:line:col; a missing file is an error; others still run."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "id": "bad",\n  "tasks": [,]\n}', encoding="utf-8")
+    good = write_job(tmp_path, example_job())
+    missing = tmp_path / "missing.json"
+    code, out, _ = run(capsys, "job", "validate", str(bad), str(missing), str(good))
+    assert code == 1
+    assert f"{bad}:3:13: error: malformed JSON: Expecting value" in out
+    assert f"{missing}: error: job file {missing} does not exist" in out
+    assert f"{good}: valid" in out
+
+
+def test_validate_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json prints the agent's report shape per file."""
+    path = write_job(tmp_path, example_job(enabled=False))
+    code, out, _ = run(capsys, "job", "validate", "--json", str(path))
+    assert code == 0
+    result = json.loads(out)
+    assert result["valid"] is True
+    entry = result["files"][0]
+    assert entry["file"] == str(path) and entry["jobId"] == "disk-usage-reporter"
+    assert entry["errors"] == [] and entry["agent"] is None
+    assert entry["warnings"][0].startswith("enabled is false")
+
+
+def test_validate_with_agent_root_checks_the_binary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--agent-root (or KEEPER_AGENT_ROOT) turns on the binary check."""
+    path = write_job(tmp_path, example_job())
+    code, out, _ = run(
+        capsys, "job", "validate", str(path), "--agent-root", str(tmp_path), "--os", "linux"
+    )
+    assert code == 1 and "binary for command 'DiskUsageReporter' not found" in out
+    monkeypatch.setenv("KEEPER_AGENT_ROOT", str(tmp_path))
+    code, out, _ = run(capsys, "job", "validate", str(path), "--os", "linux")
+    assert code == 1 and "not found" in out
+    code, _, _ = run(capsys, "job", "validate", str(path), "--os", "windows")
+    assert code == 0  # osFilter excludes Windows: no binary check
+
+
+def test_validate_with_url_also_asks_the_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server: HttpsServer, conn: list[str]
+) -> None:
+    """With --url the agent's verdict is printed too and decides the exit code."""
+    server.route(
+        "POST",
+        r"/api/Jobs/validate",
+        Response(
+            200, {"valid": False, "errors": ["Binary not found"], "warnings": [], "jobId": "x"}
+        ),
+    )
+    path = write_job(tmp_path, example_job())
+    code, out, _ = run(capsys, "job", "validate", str(path), *conn)
+    assert code == 1
+    assert out.splitlines() == [
+        f"{path}: valid",
+        f"{path}: agent: error: Binary not found",
+        f"{path}: agent: invalid (1 error)",
+    ]
+    assert server.requests[0].json() == example_job()
+
+
+# -- agent commands --------------------------------------------------------------------------
+
+
+def test_create_list_get_update_delete(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent: FakeJobsAgent,
+    conn: list[str],
+) -> None:
+    """The CRUD commands reach the agent and print one line each."""
+    path = write_job(tmp_path, example_job("a-job"))
+    assert run(capsys, "job", "create", str(path), *conn)[:2] == (
+        0,
+        "job 'a-job' created (or updated if it existed)\n",
+    )
+    code, out, _ = run(capsys, "job", "list", *conn)
+    assert code == 0 and out.splitlines() == ["a-job  enabled   Disk usage reporter", "1 job"]
+    code, out, _ = run(capsys, "job", "get", "a-job", *conn)
+    assert code == 0 and json.loads(out) == example_job("a-job")
+    other = write_job(tmp_path, example_job("b-job", name="Renamed"))
+    code, out, err = run(capsys, "job", "update", "a-job", str(other), *conn)
+    assert code == 0 and out == "job 'a-job' updated\n"
+    assert "the agent uses the URL id 'a-job'" in err
+    assert agent.jobs["a-job"]["name"] == "Renamed"
+    assert run(capsys, "job", "delete", "a-job", *conn)[:2] == (0, "job 'a-job' deleted\n")
+    assert agent.jobs == {}
+    assert run(capsys, "job", "list", *conn)[1] == "no jobs (ok)\n"
+
+
+def test_trigger_run_reload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], agent: FakeJobsAgent, conn: list[str]
+) -> None:
+    """trigger sends {} or the --context object (inline or @file); run and reload work."""
+    agent.jobs["j"] = example_job("j")
+    context_file = tmp_path / "ctx.json"
+    context_file.write_text('{"from": "file"}', encoding="utf-8")
+    assert run(capsys, "job", "trigger", "j", *conn)[:2] == (0, "job 'j' triggered\n")
+    assert run(capsys, "job", "trigger", "j", "--context", '{"user": "a"}', *conn)[0] == 0
+    assert run(capsys, "job", "trigger", "j", "--context", f"@{context_file}", *conn)[0] == 0
+    assert run(capsys, "job", "run", "j", *conn)[0] == 0
+    code, out, _ = run(capsys, "job", "reload", "--json", *conn)
+    assert code == 0 and json.loads(out)["response"] == {"message": "Jobs reloaded"}
+    assert agent.triggered == [
+        ("j", {}),
+        ("j", {"user": "a"}),
+        ("j", {"from": "file"}),
+        ("j", None),
+    ]
+    assert agent.reloads == 1
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ("[1]", "--context must be a JSON object"),
+        ("{", "--context: malformed JSON at line 1 column 2"),
+        ("@/nonexistent/ctx.json", "cannot read --context file"),
+    ],
+)
+def test_bad_context_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], context: str, message: str
+) -> None:
+    """A bad --context exits 64 with one error line, before any request."""
+    code, out, err = run(capsys, "job", "trigger", "j", "--context", context)
+    assert code == 64 and out == ""
+    assert err.startswith("keeper-task: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_unknown_job_and_rejected_create_exit_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], agent: FakeJobsAgent, conn: list[str]
+) -> None:
+    """404 and 400 become one error line and a non-zero exit."""
+    code, _, err = run(capsys, "job", "get", "ghost", *conn)
+    assert code != 0
+    assert err == (
+        "keeper-task: error: job 'ghost' is unknown to the agent; "
+        "`keeper-task job list` shows what exists\n"
+    )
+    bad = example_job("x")
+    bad["enabled"] = "yes"
+    code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
+    assert code != 0 and "enabled must be a boolean" in err  # refused locally: wrong type
+    del bad["enabled"]
+    code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
+    assert code != 0
+    assert "the agent rejected job 'x' (400): enabled is missing (true or false)" in err
+
+
+def test_missing_client_certificate_exits_77(
+    capsys: pytest.CaptureFixture[str], server: HttpsServer, pki: AdminPki, agent: FakeJobsAgent
+) -> None:
+    """Without a certificate the command says so and exits with NOT_TRUSTED (77)."""
+    code, _, err = run(
+        capsys, "job", "list", "--url", server.base_url, "--ca-bundle", str(pki.ca_bundle)
+    )
+    assert code == 77
+    assert "requires a client certificate for the Admin tier and none was given" in err
+
+
+def test_environment_supplies_the_connection(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    server: HttpsServer,
+    pki: AdminPki,
+    agent: FakeJobsAgent,
+) -> None:
+    """KEEPER_AGENT_URL, KEEPER_ADMIN_CERT/KEY and KEEPER_CA_BUNDLE replace the options."""
+    monkeypatch.setenv("KEEPER_AGENT_URL", server.base_url)
+    monkeypatch.setenv("KEEPER_ADMIN_CERT", str(pki.admin_cert))
+    monkeypatch.setenv("KEEPER_ADMIN_KEY", str(pki.admin_key))
+    monkeypatch.setenv("KEEPER_CA_BUNDLE", str(pki.ca_bundle))
+    assert run(capsys, "job", "reload")[0] == 0
+    assert agent.reloads == 1
+
+
+def test_job_without_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """`keeper-task job` alone lists the job commands and exits 64."""
+    code, _, err = run(capsys, "job")
+    assert code == 64
+    for name in ("validate", "list", "get", "create", "update", "delete", "trigger", "run"):
+        assert name in err
+    assert "deploy" in err and "reload" in err
+
+
+# -- deploy ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_root(tmp_path: Path) -> Path:
+    root = tmp_path / "KeeperPrivilegeManager"
+    root.mkdir()
+    return root
+
+
+def _binary(tmp_path: Path, content: bytes = b"#!/bin/sh\necho hi\n") -> Path:
+    path = tmp_path / "dist" / "disk-usage-reporter-build"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(0o644)  # deploy must make it executable
+    return path
+
+
+def test_deploy_places_validates_creates_and_triggers(
+    tmp_path: Path,
+    agent_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent: FakeJobsAgent,
+    server: HttpsServer,
+    conn: list[str],
+) -> None:
+    """Deploy copies the binary to Jobs/bin/<command>/, validates twice, creates, triggers."""
+    job_file = write_job(tmp_path, example_job())
+    binary = _binary(tmp_path)
+    args = [
+        "job",
+        "deploy",
+        str(job_file),
+        "--binary",
+        str(binary),
+        "--agent-root",
+        str(agent_root),
+    ]
+    code, out, err = run(capsys, *args, "--trigger", *conn)
+    installed = agent_root / "Jobs/bin/DiskUsageReporter/DiskUsageReporter"
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"binary: installed {installed}",
+        "validate: valid offline (0 warning(s))",
+        "agent validate: valid",
+        "create: job 'disk-usage-reporter' registered",
+        "trigger: job 'disk-usage-reporter' triggered",
+    ]
+    assert installed.read_bytes() == binary.read_bytes()
+    if os.name != "nt":
+        assert installed.stat().st_mode & stat.S_IXOTH
+    assert [(r.method, r.path) for r in server.requests] == [
+        ("POST", "/api/Jobs/validate"),
+        ("POST", "/api/Jobs"),
+        ("POST", "/api/Jobs/disk-usage-reporter/trigger"),
+    ]
+    assert agent.jobs["disk-usage-reporter"] == example_job()
+
+    # Same content again: nothing changes on disk, the job is registered again.
+    mtime = installed.stat().st_mtime_ns
+    code, out, _ = run(capsys, *args, *conn)
+    assert code == 0 and out.splitlines()[0] == f"binary: unchanged {installed}"
+    assert installed.stat().st_mtime_ns == mtime
+    assert len(out.splitlines()) == 4  # no trigger this time
+
+    _binary(tmp_path, b"#!/bin/sh\necho v2\n")
+    code, out, _ = run(capsys, *args, "--json", *conn)
+    steps = json.loads(out)["steps"]
+    assert code == 0 and steps[0]["action"] == "updated"
+    assert installed.read_bytes() == b"#!/bin/sh\necho v2\n"
+
+
+def test_deploy_onedir_directory(
+    tmp_path: Path,
+    agent_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent: FakeJobsAgent,
+    conn: list[str],
+) -> None:
+    """A onedir build is copied file by file; it must hold <command> at its top."""
+    job_file = write_job(tmp_path, example_job())
+    onedir = tmp_path / "dist" / "DiskUsageReporter"
+    (onedir / "_internal").mkdir(parents=True)
+    (onedir / "_internal" / "lib.so").write_bytes(b"lib")
+    args = [
+        "job",
+        "deploy",
+        str(job_file),
+        "--binary",
+        str(onedir),
+        "--agent-root",
+        str(agent_root),
+    ]
+    code, _, err = run(capsys, *args, *conn)
+    assert code == 64 and "has no DiskUsageReporter at its top" in err
+    (onedir / "DiskUsageReporter").write_bytes(b"exe")
+    code, _, _ = run(capsys, *args, *conn)
+    target = agent_root / "Jobs/bin/DiskUsageReporter"
+    assert code == 0
+    assert (target / "_internal" / "lib.so").read_bytes() == b"lib"
+    assert (target / "DiskUsageReporter").read_bytes() == b"exe"
+
+
+def test_deploy_stops_on_an_invalid_job(
+    tmp_path: Path,
+    agent_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent: FakeJobsAgent,
+    server: HttpsServer,
+    conn: list[str],
+) -> None:
+    """An offline validation error stops deploy before any agent call; exit 1."""
+    job = example_job()
+    job["priority"] = 42
+    job_file = write_job(tmp_path, job)
+    code, out, _ = run(
+        capsys,
+        "job",
+        "deploy",
+        str(job_file),
+        "--binary",
+        str(_binary(tmp_path)),
+        "--agent-root",
+        str(agent_root),
+        *conn,
+    )
+    assert code == 1
+    assert "validate: error: priority must be from 1 to 10, got 42" in out
+    assert server.requests == [] and agent.jobs == {}
+
+
+def test_deploy_needs_an_existing_agent_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing agent root is a one-line settings error (exit 78)."""
+    job_file = write_job(tmp_path, example_job())
+    code, _, err = run(
+        capsys,
+        "job",
+        "deploy",
+        str(job_file),
+        "--binary",
+        str(_binary(tmp_path)),
+        "--agent-root",
+        str(tmp_path / "nope"),
+    )
+    assert code == 78 and "is not a directory; pass --agent-root" in err
+
+
+def test_cli_runs_as_a_module(tmp_path: Path) -> None:
+    """`python -m keeper_task.cli job validate` works in a fresh process, with exit code 1."""
+    good = write_job(tmp_path, example_job())
+    bad = write_job(tmp_path, example_job("x_y"))
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    result = subprocess.run(
+        [sys.executable, "-m", "keeper_task.cli", "job", "validate", str(good), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{good}: valid" in result.stdout
+    assert f"{bad}: error: id 'x_y' contains an underscore" in result.stdout

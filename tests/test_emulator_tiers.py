@@ -1,0 +1,67 @@
+"""Process trust over real sockets: launched tasks, their descendants, the registration delay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keeper_task.emulator import Emulator, ProcessRegistry
+from tests.support.emulator import CHILD_PROBE, HTTP_PROBE, PYTHON, job_data, write_script
+
+SETTINGS = "/api/PluginSettings/KeeperPrivilegeManager"
+
+
+def _probe_job(job_id: str, deadline: float) -> dict:
+    data = job_data(job_id)
+    data["tasks"][0]["arguments"] = f"{{KeeperApiBaseUrl}} {SETTINGS} {deadline}"
+    return data
+
+
+def test_launched_process_gets_plugin_tier(tmp_path: Path) -> None:
+    """A task the emulator launched reads Plugin Settings on its first request."""
+    probe = write_script(tmp_path, "probe.py", HTTP_PROBE)
+    with Emulator() as agent:
+        agent.add_job(_probe_job("tier-job", 0))
+        run = agent.run_job("tier-job", command=[PYTHON, str(probe)], wait=60)
+        request = agent.requests[-1]
+    assert run.exit_code == 0, run.tasks[0].stderr
+    assert run.tasks[0].stdout_lines == ["200"]
+    assert request.caller == f"pid {run.tasks[0].pid}"
+
+
+def test_descendant_of_launched_process_is_trusted(tmp_path: Path) -> None:
+    """A child of the launched process (PyInstaller onefile re-exec) is trusted too."""
+    probe = write_script(tmp_path, "probe.py", HTTP_PROBE)
+    parent = write_script(tmp_path, "parent.py", CHILD_PROBE)
+    with Emulator() as agent:
+        agent.add_job(_probe_job("child-job", 0))
+        run = agent.run_job("child-job", command=[PYTHON, str(parent), str(probe)], wait=60)
+        caller = agent.requests[-1].caller
+    assert run.tasks[0].stdout_lines == ["200"], run.tasks[0].stderr
+    assert caller.startswith("pid ") and caller != f"pid {run.tasks[0].pid}"
+
+
+def test_registration_delay_gives_403_then_200(tmp_path: Path) -> None:
+    """During --register-delay the launched task gets 403, then the same process gets 200."""
+    probe = write_script(tmp_path, "probe.py", HTTP_PROBE)
+    with Emulator(register_delay=0.8) as agent:
+        agent.add_job(_probe_job("delay-job", 20))
+        run = agent.run_job("delay-job", command=[PYTHON, str(probe)], wait=60)
+        statuses = [(r.status, r.caller) for r in agent.requests if r.path == SETTINGS]
+    lines = run.tasks[0].stdout_lines
+    assert lines[0] == "403" and lines[-1] == "200", lines
+    pid = f"pid {run.tasks[0].pid}"
+    # The emulator recognised the process during the delay, and still refused it.
+    assert statuses[0] == (403, pid) and statuses[-1] == (200, pid)
+
+
+def test_registry_forgets_exited_tasks_and_scopes_explicit_trust() -> None:
+    """Trust ends with the task; trusting() is explicit and ends with its block."""
+    registry = ProcessRegistry()
+    assert registry.job_of(12345) is None
+    registry.register(12345, "some-job")
+    assert registry.job_of(12345) == "some-job"
+    registry.unregister(12345)
+    assert registry.job_of(12345) is None
+    with registry.trusting(777):
+        assert 777 in registry._roots()[0]
+    assert 777 not in registry._roots()[0]

@@ -1,0 +1,295 @@
+"""configure_logging / LogPipeline: stderr formats, redaction, buffering, KeeperLogger."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+
+import pytest
+import structlog
+
+from keeper_task.errors import SettingsError
+from keeper_task.logging import REDACTED, configure_logging, looks_secret
+from keeper_task.mqtt import MqttClient
+
+
+def lines(buf: io.StringIO) -> list[str]:
+    return [ln for ln in buf.getvalue().splitlines() if ln]
+
+
+def json_lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(ln) for ln in lines(buf)]
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    yield
+    structlog.reset_defaults()
+
+
+def test_logs_reach_keeper_logger_as_schema_json_and_stderr(broker):
+    """Events reach KeeperLogger via MqttClient as schema JSON, and stderr too."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err, job_id="inv-job", job_name="Inventory")
+    log = pipeline.get_logger()
+    client = MqttClient(
+        host=broker.host,
+        port=broker.port,
+        client_id="inv-job_Inventory",
+        ssl_context=broker.ssl_context(),
+        allowed_publications=["KeeperLogger"],
+    )
+    with broker.collect("KeeperLogger") as col:
+        client.connect()
+        pipeline.attach(lambda b: client.publish("KeeperLogger", b, qos=1))
+        log.info("item.processed", i=1, name="a")
+        log.warning("disk.low", free_mb=12)
+        pipeline.detach()
+        assert client.disconnect() == 0
+        got = col.wait_for(2)
+    docs = [json.loads(p) for _t, p in got]
+    assert [d["message"] for d in docs] == ["item.processed", "disk.low"]
+    assert docs[0]["level"] == "Information" and docs[1]["level"] == "Warning"
+    assert docs[0]["jobId"] == "inv-job" and docs[0]["jobName"] == "Inventory"
+    assert docs[0]["source"] == "task"
+    assert docs[0]["properties"] == {"i": 1, "name": "a"}
+    # stderr carries the same documents, one per line
+    assert json_lines(err)[:2] == docs
+    assert pipeline.published == 2 and pipeline.publish_failures == 0
+
+
+def test_events_before_attach_are_buffered_and_sent_in_order():
+    """Events logged before attach() are published first, in order, then live events follow."""
+    pipeline = configure_logging(fmt="json", stream=io.StringIO())
+    log = pipeline.get_logger()
+    for i in range(5):
+        log.info("early", n=i)
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    log.info("live")
+    msgs = [json.loads(b) for b in sent]
+    assert [(m["message"], m["properties"].get("n")) for m in msgs] == [
+        ("early", 0),
+        ("early", 1),
+        ("early", 2),
+        ("early", 3),
+        ("early", 4),
+        ("live", None),
+    ]
+
+
+def test_buffer_overflow_keeps_newest_and_reports_dropped():
+    """Past the buffer limit the oldest events are dropped, counted, and reported on attach."""
+    pipeline = configure_logging(fmt="json", stream=io.StringIO(), buffer=3)
+    log = pipeline.get_logger()
+    for i in range(5):
+        log.info("early", n=i)
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    msgs = [json.loads(b) for b in sent]
+    assert [m["properties"].get("n") for m in msgs[:3]] == [2, 3, 4]
+    assert msgs[3]["message"] == "keeper_logger.buffer_overflow"
+    assert msgs[3]["properties"]["dropped"] == 2
+    assert pipeline.buffer_dropped == 2
+
+
+def test_detach_stops_publishing_and_buffering():
+    """After detach() events go to stderr only and are not buffered for a later attach."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err)
+    log = pipeline.get_logger()
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    pipeline.detach()
+    log.info("after")
+    pipeline.attach(sent.append)
+    assert sent == []
+    assert json_lines(err)[-1]["message"] == "after"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_redaction_in_both_outputs(fmt):
+    """Secret-looking keys (also nested) are '[redacted]' on stderr and in the payload."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt=fmt, stream=err)
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    headers = {"Authorization": "Bearer abc123", "Accept": "json"}
+    pipeline.get_logger().info(
+        "login",
+        user="bob",
+        password="hunter2",
+        api_key="k-123",
+        client_secret="s3",
+        sessionToken="tok",
+        headers=headers,
+        db_private_key="pk",
+    )
+    out = err.getvalue()
+    for secret in ("hunter2", "k-123", "s3", "tok", "abc123", "pk"):
+        assert secret not in out
+        assert secret.encode() not in sent[0]
+    props = json.loads(sent[0])["properties"]
+    assert props["user"] == "bob" and props["password"] == REDACTED
+    assert props["headers"] == {"Authorization": REDACTED, "Accept": "json"}
+    assert headers["Authorization"] == "Bearer abc123"  # the caller's dict is not mutated
+    assert REDACTED in out
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("password", True),
+        ("PASSWD", True),
+        ("x-api-key", True),
+        ("apikey", True),
+        ("ssh_key", True),
+        ("accessKey", True),
+        ("Cookie", True),
+        ("credentials", True),
+        ("refresh_token", True),
+        ("user", False),
+        ("keyboard", False),
+        ("monkey", False),
+        ("item", False),
+    ],
+)
+def test_looks_secret(key, secret):
+    """The secret-name heuristic flags the documented names and leaves ordinary ones."""
+    assert looks_secret(key) is secret
+
+
+def test_json_format_is_one_document_per_line():
+    """fmt='json' writes exactly one parseable JSON document per event."""
+    err = io.StringIO()
+    log = configure_logging(fmt="json", stream=err).get_logger("worker", run=3)
+    log.info("a", x=1)
+    log.error("b")
+    docs = json_lines(err)
+    assert len(docs) == 2
+    assert docs[0]["source"] == "worker" and docs[0]["properties"] == {"run": 3, "x": 1}
+    assert docs[1]["level"] == "Error"
+
+
+def test_console_format_is_human_readable():
+    """fmt='console' writes aligned text with level, event and key=value, not JSON."""
+    err = io.StringIO()
+    configure_logging(fmt="console", stream=err).get_logger().info("item.done", count=3)
+    (line,) = lines(err)
+    assert "[info" in line and "item.done" in line and "count=3" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+def test_auto_format_is_json_off_a_terminal_and_console_on_one():
+    """fmt='auto' picks JSON for a pipe/file and the console renderer for a real TTY."""
+    assert configure_logging(stream=io.StringIO()).json_lines is True
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            assert configure_logging(stream=tty).json_lines is False
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_level_filtering_and_trace():
+    """Events below the level are dropped; trace is below debug; .NET names are accepted."""
+    err = io.StringIO()
+    log = configure_logging(level="warning", fmt="json", stream=err).get_logger()
+    log.trace("t")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.critical("c")
+    assert [d["message"] for d in json_lines(err)] == ["w", "c"]
+    err2 = io.StringIO()
+    log2 = configure_logging(level="Trace", fmt="json", stream=err2).get_logger()
+    log2.trace("t")
+    assert json_lines(err2)[0]["level"] == "Trace"
+    assert configure_logging(level="Information", stream=io.StringIO()).level == "info"
+    with pytest.raises(SettingsError, match="unknown log level"):
+        configure_logging(level="loud")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_exception_traceback_in_stderr_and_payload(fmt):
+    """log.exception() puts the traceback on stderr and in the payload's 'exception'."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt=fmt, stream=err)
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    try:
+        {}["missing"]
+    except KeyError:
+        pipeline.get_logger().exception("lookup.failed", key="missing")
+    doc = json.loads(sent[0])
+    assert doc["level"] == "Error"
+    assert "Traceback (most recent call last)" in doc["exception"]
+    assert "KeyError: 'missing'" in doc["exception"]
+    assert "KeyError: 'missing'" in err.getvalue()
+    assert "Traceback" in err.getvalue()
+
+
+def test_publish_failure_never_crashes_and_warns_once():
+    """A raising publish is counted and reported once on stderr; logging continues."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err)
+
+    def broken(_payload: bytes) -> None:
+        raise OSError("broker gone")
+
+    pipeline.attach(broken)
+    log = pipeline.get_logger()
+    for i in range(3):
+        log.info("still.logging", i=i)
+    docs = json_lines(err)
+    warnings = [d for d in docs if d["message"] == "keeper_logger.publish_failed"]
+    assert len(warnings) == 1 and "broker gone" in warnings[0]["properties"]["error"]
+    assert [d["properties"]["i"] for d in docs if d["message"] == "still.logging"] == [0, 1, 2]
+    assert pipeline.publish_failures == 3
+    pipeline.detach()
+    assert json_lines(err)[-1]["message"] == "keeper_logger.summary"
+
+
+def test_logging_inside_publish_does_not_recurse():
+    """An event logged from within the publish function goes to stderr only (no recursion)."""
+    err = io.StringIO()
+    pipeline = configure_logging(level="debug", fmt="json", stream=err)
+    log = pipeline.get_logger()
+    sent: list[bytes] = []
+
+    def publish(payload: bytes) -> None:
+        log.debug("inner")
+        sent.append(payload)
+
+    pipeline.attach(publish)
+    log.info("outer")
+    assert [json.loads(b)["message"] for b in sent] == ["outer"]
+    assert [d["message"] for d in json_lines(err)] == ["outer", "inner"]
+
+
+def test_reconfigure_resets_structlog_global():
+    """A second configure_logging() takes over structlog.get_logger() (level and stream)."""
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(fmt="json", stream=first)
+    lib_log = structlog.get_logger("lib.module")
+    lib_log.info("one")
+    configure_logging(fmt="json", stream=second, level="error")
+    lib_log.info("two")  # below the new level
+    lib_log.error("three")
+    assert [d["message"] for d in json_lines(first)] == ["one"]
+    docs = json_lines(second)
+    assert [d["message"] for d in docs] == ["three"]
+    assert docs[0]["source"] == "lib.module"
+
+
+def test_positional_formatting_and_bind():
+    """'%s' arguments are interpolated and bind() adds fields to every later event."""
+    err = io.StringIO()
+    log = configure_logging(fmt="json", stream=err).get_logger().bind(run_id="r1")
+    log.info("processed %d items", 3)
+    (doc,) = json_lines(err)
+    assert doc["message"] == "processed 3 items" and doc["properties"] == {"run_id": "r1"}

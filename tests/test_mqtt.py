@@ -1,0 +1,304 @@
+"""MqttClient and build_client_id against real brokers (amqtt, mosquitto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from keeper_task.errors import (
+    BrokerUnavailableError,
+    MqttError,
+    PublishError,
+    SettingsError,
+    TopicNotDeclaredError,
+)
+from keeper_task.mqtt import DEFAULT_CLIENT_ID_TEMPLATE, MqttClient, build_client_id, topic_allowed
+from keeper_task.tls import client_ssl_context
+from tests.support.brokers import MosquittoBroker, find_mosquitto, free_port, silent_server
+
+
+def make_client(b, **kw) -> MqttClient:
+    kw.setdefault("client_id", "test-job_unit")
+    kw.setdefault("connect_timeout", 5.0)
+    kw.setdefault("ssl_context", b.ssl_context())
+    return MqttClient(host=b.host, port=b.port, **kw)
+
+
+# -- client id ------------------------------------------------------------------------------
+
+
+def test_client_id_default_template_puts_job_id_first():
+    """The default template yields '<job_id>_<job_name>' with the job name sanitised."""
+    cid = build_client_id(
+        DEFAULT_CLIENT_ID_TEMPLATE, job_id="nightly-inv", job_name="Nightly inv_2!"
+    )
+    assert cid == "nightly-inv_Nightly-inv-2-"
+    assert cid.split("_")[0] == "nightly-inv"
+
+
+def test_client_id_missing_job_name_and_pid_field():
+    """A missing job name becomes 'task' and {pid} is the given (or current) process id."""
+    assert build_client_id("{job_id}_{job_name}", job_id="j1") == "j1_task"
+    assert build_client_id("{job_id}_{pid}", job_id="j1", pid=42) == "j1_42"
+
+
+@pytest.mark.parametrize("job_id", ["my_job", "", "_x"])
+def test_client_id_refuses_bad_job_id(job_id):
+    """An empty job id or one containing '_' is a SettingsError, never rewritten."""
+    with pytest.raises(SettingsError, match="job id"):
+        build_client_id(DEFAULT_CLIENT_ID_TEMPLATE, job_id=job_id, job_name="n")
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ("{job_name}_{job_id}", "first '_'-separated segment"),
+        ("{job_id}-{pid}", "first '_'-separated segment"),
+        ("{job_id}_{host}", "unknown field"),
+        ("{job_id}_{", "invalid MQTT client id template"),
+    ],
+)
+def test_client_id_refuses_bad_template(template, match):
+    """A template that does not start with the job id segment, or has unknown fields, fails."""
+    with pytest.raises(SettingsError, match=match):
+        build_client_id(template, job_id="job-1", job_name="n", pid=1)
+
+
+def test_topic_allowed_uses_mqtt_wildcards():
+    """'+' matches one level and '#' any remainder; other topics are not allowed."""
+    allowed = ["KeeperLogger", "Jobs/+/events", "Custom/#"]
+    assert topic_allowed("KeeperLogger", allowed)
+    assert topic_allowed("Jobs/job-1/events", allowed)
+    assert topic_allowed("Custom/a/b/c", allowed)
+    assert not topic_allowed("Jobs/job-1/other", allowed)
+    assert not topic_allowed("KeeperLogger/x", allowed)
+
+
+# -- connect --------------------------------------------------------------------------------
+
+
+def test_tcp_nodelay_is_set_on_the_socket(plain_broker):
+    """After connect() the broker socket has TCP_NODELAY (paho does not set it)."""
+    client = make_client(plain_broker)
+    client.connect()
+    try:
+        sock = client._client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert client.connected
+    finally:
+        client.disconnect()
+    assert not client.connected
+
+
+def test_connect_refused_port_fails_fast():
+    """A closed port raises BrokerUnavailableError at once, naming the broker address."""
+    port = free_port()
+    client = MqttClient(host="127.0.0.1", port=port, client_id="j_x", ssl_context=None)
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailableError, match=f"127.0.0.1:{port}") as info:
+        client.connect()
+    assert time.monotonic() - t0 < 2
+    assert isinstance(info.value.__cause__, OSError)
+    assert client.disconnect() == 0  # idempotent and harmless after a failed connect
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_connect_times_out_on_silent_server(tls):
+    """A server that accepts but never answers gives BrokerUnavailableError within the timeout."""
+    ctx = client_ssl_context(host="127.0.0.1") if tls else None
+    with silent_server() as port:
+        client = MqttClient(
+            host="127.0.0.1", port=port, client_id="j_x", ssl_context=ctx, connect_timeout=0.5
+        )
+        t0 = time.monotonic()
+        with pytest.raises(BrokerUnavailableError, match=r"0\.5s"):
+            client.connect()
+        assert time.monotonic() - t0 < 1.5
+        assert not client.connected
+
+
+def test_connack_not_authorized_says_process_not_trusted():
+    """A CONNACK 'not authorized' is BrokerUnavailableError explaining the agent's trust."""
+    with silent_server(connack=b"\x20\x02\x00\x05") as port:
+        client = MqttClient(host="127.0.0.1", port=port, client_id="j_x", ssl_context=None)
+        with pytest.raises(BrokerUnavailableError, match="does not trust this process") as info:
+            client.connect()
+    assert info.value.rc == 135
+
+
+@pytest.mark.mosquitto
+def test_real_broker_refusing_anonymous_is_not_trusted():
+    """mosquitto without anonymous access refuses us with a not-authorized CONNACK."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin")
+    with MosquittoBroker(allow_anonymous=False) as b:
+        client = make_client(b)
+        with pytest.raises(BrokerUnavailableError, match="does not trust") as info:
+            client.connect()
+    assert info.value.rc in (134, 135)
+
+
+def test_tls_with_the_right_ca(broker):
+    """TLS verified against the broker's CA connects and delivers a message."""
+    client = make_client(
+        broker, ssl_context=client_ssl_context(host="127.0.0.1", ca_bundle=broker.ca_pem_path)
+    )
+    client.connect()
+    try:
+        assert client.tls and client.connected
+        with broker.collect("t/tls") as col:
+            client.publish("t/tls", b"hello", wait=True)
+            assert col.wait_for(1) == [("t/tls", b"hello")]
+    finally:
+        client.disconnect()
+
+
+def test_tls_unverified_toward_loopback(broker):
+    """Without a CA bundle the loopback policy (encrypted, unverified) still connects."""
+    client = make_client(broker, ssl_context=client_ssl_context(host="127.0.0.1"))
+    client.connect()
+    assert client.connected
+    assert client.disconnect() == 0
+
+
+def test_tls_with_a_wrong_ca_fails(amqtt_tls_broker, tmp_path):
+    """A CA that did not sign the broker's certificate gives BrokerUnavailableError (TLS)."""
+    from tests.support.brokers import make_ca_files
+
+    other = make_ca_files(tmp_path / "other")
+    ctx = client_ssl_context(host="127.0.0.1", ca_bundle=other.ca_pem)
+    client = make_client(amqtt_tls_broker, ssl_context=ctx)
+    with pytest.raises(BrokerUnavailableError, match="TLS"):
+        client.connect()
+
+
+# -- publish --------------------------------------------------------------------------------
+
+
+def test_undeclared_topic_raises_before_sending(plain_broker):
+    """An undeclared topic raises TopicNotDeclaredError and nothing reaches the broker."""
+    client = make_client(plain_broker, allowed_publications=["KeeperLogger", "Jobs/+/events"])
+    client.connect()
+    try:
+        with plain_broker.collect("#") as col:
+            with pytest.raises(TopicNotDeclaredError, match="Secret/topic"):
+                client.publish("Secret/topic", b"x")
+            assert client.unacked == 0
+            client.publish("Jobs/job-1/events", {"ok": True}, wait=True)
+            client.publish("KeeperLogger", "line", wait=True)
+            msgs = col.wait_for(2)
+        topics = [t for t, _ in msgs]
+        assert "Secret/topic" not in topics
+        assert ("Jobs/job-1/events", b'{"ok":true}') in msgs
+        assert ("KeeperLogger", b"line") in msgs
+    finally:
+        client.disconnect()
+
+
+def test_publish_wait_returns_after_ack(broker):
+    """publish(wait=True) returns only once the broker acknowledged (nothing left unacked)."""
+    client = make_client(broker)
+    client.connect()
+    try:
+        client.publish("t/wait", b"1", qos=1, wait=True, timeout=5)
+        assert client.unacked == 0
+        client.publish("t/wait", b"2", qos=2, wait=True, timeout=5)
+        assert client.unacked == 0
+    finally:
+        client.disconnect()
+
+
+def test_burst_of_qos1_messages_all_delivered(broker):
+    """1500 QoS 1 messages published without waiting are all acked by disconnect() and received."""
+    n = 1500
+    with broker.collect("burst") as col:
+        client = make_client(broker)
+        client.connect()
+        for i in range(n):
+            client.publish("burst", str(i).encode())
+        assert client.disconnect(timeout=20) == 0
+        got = col.wait_for(n, timeout=20)
+    assert sorted(int(p) for _, p in got) == list(range(n))
+
+
+def test_publish_from_many_threads(amqtt_broker):
+    """Concurrent publishers on one client lose nothing (the client is thread-safe)."""
+    client = make_client(amqtt_broker)
+    client.connect()
+    with amqtt_broker.collect("mt/#") as col:
+
+        def work(k: int) -> None:
+            for i in range(200):
+                client.publish(f"mt/{k}", f"{k}-{i}".encode())
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert client.flush(10) == 0
+        got = col.wait_for(800, timeout=10)
+    client.disconnect()
+    assert len({p for _, p in got}) == 800
+
+
+def test_publish_when_not_connected_and_bad_payloads(amqtt_broker):
+    """Publishing while not connected is BrokerUnavailableError; bad input is PublishError."""
+    client = make_client(amqtt_broker)
+    with pytest.raises(BrokerUnavailableError, match="not connected"):
+        client.publish("t", b"x")
+    client.connect()
+    with pytest.raises(PublishError, match="JSON"):
+        client.publish("t", {"x": object()})
+    with pytest.raises(PublishError, match="must be bytes"):
+        client.publish("t", 3.5)  # type: ignore[arg-type]
+    with pytest.raises(PublishError, match="cannot publish"):
+        client.publish("t/+/x", b"x")
+    assert client.unacked == 0
+    assert client.disconnect() == 0
+    assert client.disconnect() == 0  # idempotent
+    with pytest.raises(BrokerUnavailableError):
+        client.publish("t", b"x")
+
+
+def test_subscribe_receives_messages(plain_broker):
+    """subscribe() waits for the SUBACK and hands (topic, payload) to the callback."""
+    client = make_client(plain_broker)
+    client.connect()
+    got: list[tuple[str, bytes]] = []
+    done = threading.Event()
+
+    def on_msg(topic: str, payload: bytes) -> None:
+        got.append((topic, payload))
+        done.set()
+
+    try:
+        client.subscribe("in/+", on_msg)
+        client.publish("in/a", json.dumps({"v": 1}), wait=True)
+        assert done.wait(5)
+        assert got == [("in/a", b'{"v": 1}')]
+    finally:
+        client.disconnect()
+
+
+def test_subscribe_before_connect_is_an_error(amqtt_broker):
+    """subscribe() on a client that is not connected raises an MqttError subclass."""
+    client = make_client(amqtt_broker)
+    with pytest.raises(MqttError):
+        client.subscribe("x", lambda _t, _p: None)
+
+
+def test_publish_wait_times_out_when_broker_stops_acking():
+    """Without a PUBACK, wait=True raises PublishError and disconnect() counts it lost."""
+    # A fake broker: accept CONNECT with CONNACK 0, then swallow everything.
+    with silent_server(connack=b"\x20\x02\x00\x00") as port:
+        client = MqttClient(host="127.0.0.1", port=port, client_id="j_x", ssl_context=None)
+        client.connect()
+        with pytest.raises(PublishError, match="not acknowledged"):
+            client.publish("t", b"x", wait=True, timeout=0.3)
+        assert client.unacked == 1
+        assert client.disconnect(timeout=0.2) == 1

@@ -1,0 +1,253 @@
+"""Tests of ``keeper-task new`` (keeper_task.scaffold and keeper_task.cli.new)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keeper_task import scaffold
+from keeper_task.cli import main as cli_main
+from keeper_task.errors import UsageError
+from keeper_task.jobs import load_job, validate_job
+from tests.support.projects import (
+    REPO_ROOT,
+    env_with_venv,
+    make_overlay_venv,
+    pip_install,
+    venv_bin,
+)
+
+
+def _new(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli_main(["new", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_names_are_derived_from_the_job_id() -> None:
+    """The module, command and class names follow from the job id."""
+    spec = scaffold.make_spec("disk-usage-report")
+    assert (spec.module, spec.command, spec.class_name) == (
+        "disk_usage_report",
+        "DiskUsageReport",
+        "DiskUsageReport",
+    )
+    assert spec.topics == ("KeeperLogger", "Jobs/disk-usage-report/events")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["bad_name"], "contains '_'"),
+        (["1abc"], "invalid job id"),
+        (["a/b"], "invalid job id"),
+        (["../escape"], "invalid job id"),
+        (["trailing-"], "invalid job id"),
+        (["caf\u00e9"], "invalid job id"),
+        (["ok-name", "--module", "class"], "invalid module name"),
+        (["ok-name", "--module", "json"], "would shadow"),
+        (["ok-name", "--command", "bin/Tool"], "invalid command name"),
+        (["ok-name", "--command", "Tool.exe"], "invalid command name"),
+        (["ok-name", "--command", "CON"], "reserved device name"),
+        (["ok-name", "--os", "solaris"], "unknown OS"),
+        (["ok-name", "--publishes", "Jobs/+/events"], "invalid topic"),
+        (["ok-name", "--keeper-task-spec", 'keeper-task"; rm'], "invalid --keeper-task-spec"),
+        (["ok-name", "--keeper-task-spec", "requests"], "invalid --keeper-task-spec"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_64(
+    argv: list[str],
+    fragment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every bad name or option ends with one error line, exit 64, and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    code, _out, err = _new(capsys, *argv)
+    assert code == 64
+    assert len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_dir_cannot_leave_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dir ../x`` is refused; an absolute ``--dir`` elsewhere is allowed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _out, err = _new(capsys, "demo", "--dir", "../outside")
+    assert code == 64 and "leaves the current directory" in err
+    assert not (tmp_path / "outside").exists()
+    code, _out, _err = _new(capsys, "demo", "--dir", str(tmp_path / "outside"))
+    assert code == 0
+    assert (tmp_path / "outside" / "pyproject.toml").is_file()
+
+
+def test_existing_directory_is_not_overwritten_without_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A non-empty target is refused; --force rewrites generated files and keeps the others."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "demo"
+    target.mkdir()
+    (target / "pyproject.toml").write_text("mine\n")
+    (target / "notes.txt").write_text("keep me\n")
+    code, _out, err = _new(capsys, "demo")
+    assert code == 64 and "--force" in err
+    assert (target / "pyproject.toml").read_text() == "mine\n"
+    code, _out, _err = _new(capsys, "demo", "--force")
+    assert code == 0
+    assert "[tool.keeper-task]" in (target / "pyproject.toml").read_text()
+    assert (target / "notes.txt").read_text() == "keep me\n"
+
+
+def test_force_never_writes_through_a_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A symlink inside the target pointing elsewhere is refused, and nothing lands outside."""
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "demo"
+    target.mkdir()
+    (target / "src").symlink_to(outside, target_is_directory=True)
+    code, _out, err = _new(capsys, "demo", "--force")
+    assert code == 64 and "symlink" in err
+    assert list(outside.iterdir()) == []
+
+
+def test_generated_project_layout_and_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One valid job per OS with the same id, the documented path, the topics and arguments."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _err = _new(
+        capsys, "demo-task", "--command", "DemoTool", "--publishes", "Reports/demo", "--os",
+        "windows,linux",
+    )
+    assert code == 0 and "created demo-task" in out
+    root = tmp_path / "demo-task"
+    for rel in (
+        "pyproject.toml", "README.md", "src/demo_task/task.py", "src/demo_task/__main__.py",
+        "tests/test_task.py", "scripts/build.sh", "scripts/build.ps1", "scripts/deploy.sh",
+        "scripts/deploy.ps1",
+    ):
+        text = (root / rel).read_text(encoding="utf-8")
+        assert "{{" not in text, rel
+    assert os.access(root / "scripts" / "deploy.sh", os.X_OK)
+    assert not (root / "jobs" / "macos").exists()
+    paths = {
+        "windows": "C:\\Program Files\\KeeperPrivilegeManager\\Jobs\\bin\\DemoTool\\DemoTool.exe",
+        "linux": "/opt/KeeperPrivilegeManager/Jobs/bin/DemoTool/DemoTool",
+    }
+    for os_name, exe in paths.items():
+        path = root / "jobs" / os_name / "demo-task.json"
+        data = json.loads(path.read_text())
+        assert data["id"] == "demo-task"
+        assert data["osFilter"] == {
+            "windows": os_name == "windows", "linux": os_name == "linux", "macOS": False
+        }
+        (task,) = data["tasks"]
+        assert task["command"] == "DemoTool" and task["executablePath"] == exe
+        assert "--keeper-api-base={KeeperApiBaseUrl}" in task["arguments"]
+        assert data["mqttTopics"]["allowedPublications"] == [
+            "KeeperLogger", "Jobs/demo-task/events", "Reports/demo"
+        ]
+        report = validate_job(load_job(path), file_name=path, current_os=os_name)
+        assert report.valid and not report.errors and not report.warnings, report
+    task_py = (root / "src" / "demo_task" / "task.py").read_text()
+    compile(task_py, "task.py", "exec")
+    assert '"Reports/demo",' in task_py and "class DemoTask(Task[DemoTaskSettings])" in task_py
+    subprocess.run(["bash", "-n", str(root / "scripts" / "deploy.sh")], check=True)
+
+
+def test_templates_come_from_the_checkout_in_an_editable_install() -> None:
+    """Without the wheel's keeper_task/_templates, the repository's templates/ is used."""
+    root = scaffold.templates_root()
+    assert Path(str(root)) == REPO_ROOT / "templates"
+
+
+def test_unknown_placeholder_is_an_error() -> None:
+    """A template naming an undefined placeholder fails loudly instead of leaking ``{{``."""
+    from keeper_task.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="unknown placeholder"):
+        scaffold.render("x = {{ nope }}", {"job_id": "a"})
+
+
+def test_spec_without_a_valid_dir_raises_usage_error(tmp_path: Path) -> None:
+    """A target that is a file is refused with UsageError."""
+    spec = scaffold.make_spec("demo")
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(UsageError, match="not a directory"):
+        scaffold.create_project(spec, target)
+
+
+def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
+    """A wheel of keeper-task carries the templates and ``new`` works from that install."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         str(REPO_ROOT), "-w", str(wheels)],
+        check=True, timeout=300,
+    )
+    (wheel,) = wheels.glob("keeper_task-*.whl")
+    py = make_overlay_venv(tmp_path / "venv", include_checkout=False)
+    pip_install(py, wheel)
+    env = env_with_venv(tmp_path / "venv")
+    probe = subprocess.run(
+        [str(py), "-c", "from keeper_task import scaffold; print(scaffold.templates_root())"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=False, timeout=60,
+    )
+    assert probe.returncode == 0, (
+        "templates missing from the wheel: pyproject.toml needs "
+        '[tool.hatch.build.targets.wheel.force-include] "templates" = "keeper_task/_templates"; '
+        + probe.stderr
+    )
+    found = probe.stdout.strip()
+    assert found.endswith(os.path.join("keeper_task", "_templates")), found
+    assert str(tmp_path / "venv") in found
+    done = subprocess.run(
+        [str(py), "-m", "keeper_task.cli", "new", "from-wheel"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "from-wheel" / "src" / "from_wheel" / "task.py").is_file()
+
+
+def test_scaffold_installs_passes_its_tests_and_runs_under_dev_run(tmp_path: Path) -> None:
+    """A new project installs, its generated tests pass untouched, and ``dev run`` runs it."""
+    py = make_overlay_venv(tmp_path / "venv", include_checkout=True)
+    env = env_with_venv(tmp_path / "venv")
+    spec = f"keeper-task @ {REPO_ROOT.as_uri()}"
+    created = subprocess.run(
+        [str(py), "-m", "keeper_task.cli", "new", "demo-task", "--keeper-task-spec", spec],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    project = tmp_path / "demo-task"
+    pip_install(py, project)
+    tests = subprocess.run(
+        [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, env=env, cwd=project, timeout=180, check=False,
+    )
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "3 passed" in tests.stdout
+    # The installed console script DemoTask is found on PATH, as the agent's runner would.
+    assert (venv_bin(tmp_path / "venv") / "DemoTask").exists()
+    host = scaffold.current_os()
+    run = subprocess.run(
+        [str(py), "-m", "keeper_task.cli", "dev", "run", f"jobs/{host}/demo-task.json"],
+        capture_output=True, text=True, env=env, cwd=project, timeout=180, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "demo_task.finished" in run.stdout

@@ -1,0 +1,108 @@
+"""keeper_task.testing: the pytest fixtures, run_task in-process and as a subprocess, faults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from keeper_task import Task, TaskContext
+from keeper_task.emulator import Emulator
+from keeper_task.testing import TaskResult, default_job, run_task
+
+ROOT = Path(__file__).resolve().parents[1]
+HELLO_SCRIPT = ROOT / "examples" / "hello" / "task.py"
+SETTINGS = "/api/PluginSettings/KeeperPrivilegeManager"
+FAST = {"KEEPER_TASK_TRUST_TIMEOUT": "5", "KEEPER_TASK_MQTT_CONNECT_TIMEOUT": "2"}
+
+
+class Greeter(Task):
+    def run(self, ctx: TaskContext) -> None:
+        ctx.log.info("greeting", broker=ctx.agent_settings.broker_host)
+        ctx.publish(ctx.event_topic, {"done": True}, qos=1, wait=True)
+
+
+def _settings_requests(result: TaskResult) -> list[tuple[int, str | None]]:
+    return [(r.status, r.fault) for r in result.requests if r.path == SETTINGS]
+
+
+def test_in_process_run_trusts_this_process_only_while_it_runs(agent: Emulator) -> None:
+    """A Task class runs in-process; its logs, publishes and requests (by this PID) are kept."""
+    result = run_task(agent, Greeter)
+    assert result.exit_code == 0, result.stderr
+    assert result.log("greeting")["properties"]["broker"] == "127.0.0.1"
+    assert [m.topic for m in result.publishes] == ["Jobs/test-task/events"]
+    assert result.requests[0].caller == f"pid {os.getpid()}"
+    assert result.denied == []
+    with agent.http_client() as client:  # trust ended with the run
+        assert client.get(SETTINGS).status_code == 403
+
+
+def test_subprocess_run_of_the_hello_example(agent_session: Emulator) -> None:
+    """A .py file runs as a launched subprocess with the job's arguments; its run is returned."""
+    result = run_task(agent_session, HELLO_SCRIPT)
+    assert result.exit_code == 0, result.stderr
+    assert "hello" in result.messages
+    assert result.run is not None and result.run.tasks[0].pid != os.getpid()
+    assert '"message":"hello"' in result.stderr.replace(" ", "")
+
+
+def test_scripted_403_then_success(agent: Emulator) -> None:
+    """faults.forbid(requests=2): the runtime's startup retry gets through on the third try."""
+    agent.faults.forbid(requests=2)
+    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    assert result.exit_code == 0, result.stderr
+    assert _settings_requests(result) == [(403, "forbid 403"), (403, "forbid 403"), (200, None)]
+
+
+def test_scripted_5xx_then_success(agent: Emulator) -> None:
+    """faults.fail(503): a 5xx is retried like the agent restarting."""
+    agent.faults.fail(503, requests=1)
+    result = run_task(agent, Greeter, env=FAST)
+    assert result.exit_code == 0, result.stderr
+    assert _settings_requests(result) == [(503, "status 503"), (200, None)]
+
+
+def test_malformed_settings_fail_the_start(agent: Emulator) -> None:
+    """faults.malformed_settings(): truncated JSON makes the task fail to start (non-zero)."""
+    agent.faults.malformed_settings(requests=10)
+    result = run_task(agent, Greeter, env=FAST)
+    assert result.exit_code != 0
+    assert _settings_requests(result)[0] == (200, "malformed 200")
+    assert result.logs == []
+
+
+def test_broker_down_fails_with_broker_unavailable(agent: Emulator) -> None:
+    """stop_broker(): the task cannot connect and exits with the broker-unavailable code."""
+    agent.stop_broker()
+    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    assert result.exit_code == 75, result.stderr
+    assert result.logs == []
+
+
+def test_broker_restart_mid_run(agent: Emulator) -> None:
+    """faults.restart_broker_after(1): the broker restarts after the first accepted publish."""
+    agent.faults.restart_broker_after(messages=1)
+    result = run_task(agent, Greeter, env=FAST)
+    assert any("broker restarting" in n.text for n in result.notices)
+    assert agent.wait_for(lambda: any("broker restarted" in n.text for n in agent.notices))
+    assert agent.broker.running
+    # The first accepted publish got through before the restart.
+    assert len(result.logs) >= 1
+    assert result.exit_code in (0, 75), result.stderr
+
+
+def test_registration_delay_gives_startup_403(tmp_path: Path) -> None:
+    """Emulator(register_delay=...): the launched task sees 403 first, then succeeds."""
+    with Emulator(register_delay=1.5) as agent:
+        result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    statuses = [status for status, _ in _settings_requests(result)]
+    assert result.exit_code == 0, result.stderr
+    assert statuses[0] == 403 and statuses[-1] == 200
+
+
+def test_default_job_is_valid_and_overridable() -> None:
+    """default_job() validates and takes root-key overrides."""
+    from keeper_task.jobs import validate_job
+
+    assert validate_job(default_job()).valid
+    assert default_job("x-y", enabled=False)["enabled"] is False
