@@ -92,8 +92,10 @@ def main() -> int:
 
     base = results["python task.py"]
     print()
-    print(f"{'variant':<16}{'build s':>9}{'size MB':>9}{'start ms':>10}{'x py':>7}"
-          f"{'run ms':>9}{'x py':>7}")
+    print(
+        f"{'variant':<16}{'build s':>9}{'size MB':>9}{'start ms':>10}{'x py':>7}"
+        f"{'run ms':>9}{'x py':>7}"
+    )
     for name in ("python task.py", "onedir", "onefile"):
         r = results[name]
         print(

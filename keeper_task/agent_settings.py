@@ -137,8 +137,7 @@ class AgentSettings(BaseModel):
             port = int(value.strip())
         else:
             raise SettingsError(
-                f"agent setting {BROKER_PORT_KEY} is not an integer; expected a port "
-                "number 1-65535"
+                f"agent setting {BROKER_PORT_KEY} is not an integer; expected a port number 1-65535"
             )
         if port < 1:
             raise SettingsError(
@@ -181,6 +180,4 @@ def _text(key: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
-    raise SettingsError(
-        f"agent setting {key} holds a {type(value).__name__}; expected a string"
-    )
+    raise SettingsError(f"agent setting {key} holds a {type(value).__name__}; expected a string")

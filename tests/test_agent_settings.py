@@ -68,8 +68,16 @@ def test_unknown_keys_are_kept_read_only():
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("false", False), ("FALSE", False), ("0", False), ("no", False), ("off", False),
-     ("true", True), ("1", True), ("Yes", True)],
+    [
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        ("true", True),
+        ("1", True),
+        ("Yes", True),
+    ],
 )
 def test_broker_tls_convention(value, expected):
     """broker.tls (our dev-broker convention) turns TLS off only for false/0/no/off."""

@@ -97,8 +97,12 @@ def test_bundle_holds_binary_job_and_deploy_scripts(tmp_path: Path, os_name: str
     (binary_dir / exe).chmod(0o755)
     (binary_dir / "_internal" / "lib.so").write_bytes(b"lib")
     project = build.BuildProject(
-        root=root, job_id="demo-task", command="DemoTask", task="demo_task.task:DemoTask",
-        jobs_dir=root / "jobs", dependencies=frozenset(),
+        root=root,
+        job_id="demo-task",
+        command="DemoTask",
+        task="demo_task.task:DemoTask",
+        jobs_dir=root / "jobs",
+        dependencies=frozenset(),
     )
     bundle = build.make_bundle(project, os_name, binary_dir, tmp_path / "dist")
     top = f"demo-task-{os_name}"

@@ -92,8 +92,9 @@ def test_inventory_rejects_a_missing_directory(agent: Any, tmp_path: Path) -> No
 
 def test_inventory_bad_max_items_is_a_settings_error(agent: Any) -> None:
     """``--max-items 0`` is refused before run() with the bad-settings exit code."""
-    result = run_task(agent, INVENTORY / "task.py", job=INVENTORY / "job.json",
-                      args=["--max-items", "0"])
+    result = run_task(
+        agent, INVENTORY / "task.py", job=INVENTORY / "job.json", args=["--max-items", "0"]
+    )
     assert result.exit_code == 78
     assert "--max-items" in result.stderr
 
@@ -112,10 +113,12 @@ def test_plugin_settings_exercises_the_whole_api(tmp_path: Path) -> None:
         assert first.exit_code == 0, first.stderr
         assert first.log("settings.read")["properties"]["runs"] == 0
         assert sorted(first.log("settings.written")["properties"]["changed"]) == [
-            "demo.lastJob", "demo.runs"
+            "demo.lastJob",
+            "demo.runs",
         ]
-        second = run_task(agent, PLUGIN / "task.py", job=PLUGIN / "job.json",
-                          args=["--reset", "--reset-all"])
+        second = run_task(
+            agent, PLUGIN / "task.py", job=PLUGIN / "job.json", args=["--reset", "--reset-all"]
+        )
         assert second.exit_code == 0, second.stderr
         # The counter survived between runs (PUT), then --reset reverted it to the disk value.
         assert second.log("settings.read")["properties"]["runs"] == 1
@@ -139,7 +142,10 @@ def test_inventory_under_dev_run(scan_dir: Path) -> None:
     """``keeper-task dev run examples/inventory/job.json`` runs the task.py next to the job."""
     done = subprocess.run(
         [sys.executable, "-m", "keeper_task.cli", "dev", "run", str(INVENTORY / "job.json")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**__import__("os").environ, "KEEPER_TASK_SCAN_DIR": str(scan_dir)},
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -83,9 +83,10 @@ def test_no_client_certificate_is_refused_with_a_clear_message(
     server: HttpsServer, agent: FakeJobsAgent, pki: AdminPki
 ) -> None:
     """Without a certificate the TLS 1.3 refusal (seen on read) says a certificate is required."""
-    with JobsClient(server.base_url, ca_bundle=pki.ca_bundle) as c, pytest.raises(
-        NotTrustedError
-    ) as info:
+    with (
+        JobsClient(server.base_url, ca_bundle=pki.ca_bundle) as c,
+        pytest.raises(NotTrustedError) as info,
+    ):
         c.list()
     message = str(info.value)
     assert "requires a client certificate for the Admin tier and none was given" in message
@@ -228,9 +229,7 @@ def test_trigger_of_disabled_job_is_a_400(client: JobsClient, agent: FakeJobsAge
         client.trigger("off")
 
 
-def test_validate_returns_the_agents_report(
-    client: JobsClient, server: HttpsServer
-) -> None:
+def test_validate_returns_the_agents_report(client: JobsClient, server: HttpsServer) -> None:
     """/validate answers become a ValidationReport, and a 400 becomes an invalid one."""
     server.route(
         "POST",

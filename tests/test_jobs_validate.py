@@ -163,7 +163,8 @@ def test_id_must_equal_the_file_name() -> None:
         ),
         (lambda j: j["tasks"][0].pop("timeoutSeconds"), "has no timeoutSeconds"),
         (lambda j: j["tasks"][0].update(timeout_seconds=5), "did you mean 'timeoutSeconds'?"),
-        (lambda j: j.update(osFilter={"windows": False, "linux": False, "macOS": False}),
+        (
+            lambda j: j.update(osFilter={"windows": False, "linux": False, "macOS": False}),
             "excludes every OS",
         ),
         (lambda j: j.update(osFilter={"freebsd": True}), "osFilter key 'freebsd' is unknown"),
@@ -414,8 +415,19 @@ _JOB_SHAPED = st.fixed_dictionaries(
     optional={
         key: json_values
         for key in [
-            "id", "name", "description", "enabled", "priority", "schedule", "events",
-            "parameters", "tasks", "condition", "alternateJobId", "osFilter", "mqttTopics",
+            "id",
+            "name",
+            "description",
+            "enabled",
+            "priority",
+            "schedule",
+            "events",
+            "parameters",
+            "tasks",
+            "condition",
+            "alternateJobId",
+            "osFilter",
+            "mqttTopics",
             "eventTopic",
         ]
     },
@@ -425,8 +437,16 @@ _TASK_SHAPED = st.fixed_dictionaries(
     optional={
         key: json_values
         for key in [
-            "id", "name", "ExecutionType", "executionType", "command", "executablePath",
-            "arguments", "timeoutSeconds", "continueOnFailure", "scriptType",
+            "id",
+            "name",
+            "ExecutionType",
+            "executionType",
+            "command",
+            "executablePath",
+            "arguments",
+            "timeoutSeconds",
+            "continueOnFailure",
+            "scriptType",
         ]
     },
 )

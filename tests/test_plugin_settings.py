@@ -109,7 +109,7 @@ def test_get_all_converts_scalars_to_strings_and_drops_nulls(agent, client):
     assert client.get_all("Typed") == {"port": "8675", "tls": "true", "ratio": "0.5"}
 
 
-@pytest.mark.parametrize("body", [["a", "b"], b"\"text\"", 42])
+@pytest.mark.parametrize("body", [["a", "b"], b'"text"', 42])
 def test_get_all_rejects_a_body_that_is_not_an_object(agent, client, body):
     """A JSON body other than an object is an AgentResponseError, and is not retried."""
     agent.fail(200, body=body)
@@ -209,7 +209,9 @@ def test_revert_posts_to_the_plugin_revert_path(agent, client):
     client.revert("My Plugin/x")
     req = agent.requests[-1]
     assert (req.method, req.path, req.body) == (
-        "POST", "/api/PluginSettings/My%20Plugin%2Fx/revert", b""
+        "POST",
+        "/api/PluginSettings/My%20Plugin%2Fx/revert",
+        b"",
     )
     assert agent.reverts == ["My Plugin/x"]
 

@@ -102,8 +102,11 @@ def test_budget_bounds_the_total_time_with_a_fake_clock():
     policy = RetryPolicy(budget=10.0, jitter="none")
     with pytest.raises(Flaky):
         call_with_retry(
-            always_failing(calls), policy=policy, retry_on=lambda e: True,
-            clock=t.clock, sleep=t.sleep,
+            always_failing(calls),
+            policy=policy,
+            retry_on=lambda e: True,
+            clock=t.clock,
+            sleep=t.sleep,
         )
     # 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s slept; the next 5 s delay would end at 12.75 > 10.
     assert t.sleeps == [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -118,8 +121,11 @@ def test_time_spent_in_the_call_counts_against_the_budget():
     policy = RetryPolicy(budget=10.0, jitter="none")
     with pytest.raises(Flaky):
         call_with_retry(
-            always_failing(calls, cost=2.0, time=t), policy=policy, retry_on=lambda e: True,
-            clock=t.clock, sleep=t.sleep,
+            always_failing(calls, cost=2.0, time=t),
+            policy=policy,
+            retry_on=lambda e: True,
+            clock=t.clock,
+            sleep=t.sleep,
         )
     # attempt 2 s, sleep .25, attempt 2 s, sleep .5, attempt 2 s, sleep 1 (7.75), attempt 2 s
     # (9.75): 9.75 + 2 > 10, so it stops after 4 attempts.
@@ -133,8 +139,12 @@ def test_jittered_delays_never_push_past_the_budget():
         t = FakeTime()
         with pytest.raises(Flaky):
             call_with_retry(
-                always_failing([], cost=0.01, time=t), policy=RetryPolicy(budget=3.0),
-                retry_on=lambda e: True, clock=t.clock, sleep=t.sleep, rng=random.Random(seed),
+                always_failing([], cost=0.01, time=t),
+                policy=RetryPolicy(budget=3.0),
+                retry_on=lambda e: True,
+                clock=t.clock,
+                sleep=t.sleep,
+                rng=random.Random(seed),
             )
         assert t.now - 100.0 <= 3.0 + 0.01  # the last attempt itself may end at the edge
 
@@ -150,8 +160,11 @@ def test_error_not_accepted_by_retry_on_propagates_at_once():
 
     with pytest.raises(Fatal):
         call_with_retry(
-            fn, policy=RetryPolicy(), retry_on=lambda e: isinstance(e, Flaky),
-            clock=t.clock, sleep=t.sleep,
+            fn,
+            policy=RetryPolicy(),
+            retry_on=lambda e: isinstance(e, Flaky),
+            clock=t.clock,
+            sleep=t.sleep,
         )
     assert calls == [1]
     assert t.sleeps == []
@@ -170,8 +183,12 @@ def test_success_after_failures_returns_the_value_and_reports_each_retry():
         return item
 
     value = call_with_retry(
-        fn, policy=RetryPolicy(jitter="none"), retry_on=lambda e: True,
-        on_retry=lambda n, d, e: seen.append((n, d, str(e))), clock=t.clock, sleep=t.sleep,
+        fn,
+        policy=RetryPolicy(jitter="none"),
+        retry_on=lambda e: True,
+        on_retry=lambda n, d, e: seen.append((n, d, str(e))),
+        clock=t.clock,
+        sleep=t.sleep,
     )
     assert value == "done"
     assert seen == [(1, 0.25, "a"), (2, 0.5, "b")]
@@ -189,8 +206,12 @@ def test_on_give_up_replaces_the_last_error_and_chains_it():
 
     with pytest.raises(Fatal, match="gave up after 3") as info:
         call_with_retry(
-            always_failing([]), policy=RetryPolicy(budget=1.0, jitter="none"),
-            retry_on=lambda e: True, on_give_up=give_up, clock=t.clock, sleep=t.sleep,
+            always_failing([]),
+            policy=RetryPolicy(budget=1.0, jitter="none"),
+            retry_on=lambda e: True,
+            on_give_up=give_up,
+            clock=t.clock,
+            sleep=t.sleep,
         )
     assert isinstance(info.value.__cause__, Flaky)
     assert got == [(3, 0.75)]
@@ -215,8 +236,10 @@ def test_testing_mode_never_sleeps_but_makes_the_production_number_of_attempts()
         assert is_testing()
         with pytest.raises(Flaky):
             call_with_retry(
-                always_failing(calls), policy=RetryPolicy(budget=30.0, jitter="none"),
-                retry_on=lambda e: True, on_retry=lambda n, d, e: retries.append(d),
+                always_failing(calls),
+                policy=RetryPolicy(budget=30.0, jitter="none"),
+                retry_on=lambda e: True,
+                on_retry=lambda n, d, e: retries.append(d),
                 sleep=slept.append,
             )
     assert not is_testing()

@@ -130,14 +130,26 @@ def test_generated_project_layout_and_jobs(
     """One valid job per OS with the same id, the documented path, the topics and arguments."""
     monkeypatch.chdir(tmp_path)
     code, out, _err = _new(
-        capsys, "demo-task", "--command", "DemoTool", "--publishes", "Reports/demo", "--os",
+        capsys,
+        "demo-task",
+        "--command",
+        "DemoTool",
+        "--publishes",
+        "Reports/demo",
+        "--os",
         "windows,linux",
     )
     assert code == 0 and "created demo-task" in out
     root = tmp_path / "demo-task"
     for rel in (
-        "pyproject.toml", "README.md", "src/demo_task/task.py", "src/demo_task/__main__.py",
-        "tests/test_task.py", "scripts/build.sh", "scripts/build.ps1", "scripts/deploy.sh",
+        "pyproject.toml",
+        "README.md",
+        "src/demo_task/task.py",
+        "src/demo_task/__main__.py",
+        "tests/test_task.py",
+        "scripts/build.sh",
+        "scripts/build.ps1",
+        "scripts/deploy.sh",
         "scripts/deploy.ps1",
     ):
         text = (root / rel).read_text(encoding="utf-8")
@@ -153,13 +165,17 @@ def test_generated_project_layout_and_jobs(
         data = json.loads(path.read_text())
         assert data["id"] == "demo-task"
         assert data["osFilter"] == {
-            "windows": os_name == "windows", "linux": os_name == "linux", "macOS": False
+            "windows": os_name == "windows",
+            "linux": os_name == "linux",
+            "macOS": False,
         }
         (task,) = data["tasks"]
         assert task["command"] == "DemoTool" and task["executablePath"] == exe
         assert "--keeper-api-base={KeeperApiBaseUrl}" in task["arguments"]
         assert data["mqttTopics"]["allowedPublications"] == [
-            "KeeperLogger", "Jobs/demo-task/events", "Reports/demo"
+            "KeeperLogger",
+            "Jobs/demo-task/events",
+            "Reports/demo",
         ]
         report = validate_job(load_job(path), file_name=path, current_os=os_name)
         assert report.valid and not report.errors and not report.warnings, report
@@ -196,9 +212,20 @@ def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
     """A wheel of keeper-task carries the templates and ``new`` works from that install."""
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         str(REPO_ROOT), "-w", str(wheels)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            str(REPO_ROOT),
+            "-w",
+            str(wheels),
+        ],
+        check=True,
+        timeout=300,
     )
     (wheel,) = wheels.glob("keeper_task-*.whl")
     py = make_overlay_venv(tmp_path / "venv", include_checkout=False)
@@ -206,7 +233,12 @@ def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
     env = env_with_venv(tmp_path / "venv")
     probe = subprocess.run(
         [str(py), "-c", "from keeper_task import scaffold; print(scaffold.templates_root())"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        timeout=60,
     )
     assert probe.returncode == 0, (
         "templates missing from the wheel: pyproject.toml needs "
@@ -218,7 +250,12 @@ def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
     assert str(tmp_path / "venv") in found
     done = subprocess.run(
         [str(py), "-m", "keeper_task.cli", "new", "from-wheel"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "from-wheel" / "src" / "from_wheel" / "task.py").is_file()
@@ -231,14 +268,24 @@ def test_scaffold_installs_passes_its_tests_and_runs_under_dev_run(tmp_path: Pat
     spec = f"keeper-task @ {REPO_ROOT.as_uri()}"
     created = subprocess.run(
         [str(py), "-m", "keeper_task.cli", "new", "demo-task", "--keeper-task-spec", spec],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
     )
     assert created.returncode == 0, created.stderr
     project = tmp_path / "demo-task"
     pip_install(py, project)
     tests = subprocess.run(
         [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, env=env, cwd=project, timeout=180, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=project,
+        timeout=180,
+        check=False,
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "3 passed" in tests.stdout
@@ -247,7 +294,12 @@ def test_scaffold_installs_passes_its_tests_and_runs_under_dev_run(tmp_path: Pat
     host = scaffold.current_os()
     run = subprocess.run(
         [str(py), "-m", "keeper_task.cli", "dev", "run", f"jobs/{host}/demo-task.json"],
-        capture_output=True, text=True, env=env, cwd=project, timeout=180, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=project,
+        timeout=180,
+        check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "demo_task.finished" in run.stdout

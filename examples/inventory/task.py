@@ -27,9 +27,7 @@ from keeper_task import Task, TaskContext, TaskSettings
 class InventorySettings(TaskSettings):
     """Inventory report: the largest entries of a directory, reported to the agent."""
 
-    scan_dir: str = Field(
-        default_factory=tempfile.gettempdir, description="directory to inventory"
-    )
+    scan_dir: str = Field(default_factory=tempfile.gettempdir, description="directory to inventory")
     max_items: int = Field(default=10, ge=1, le=1000, description="how many entries to report")
     dry_run: bool = Field(
         default=False, description="collect and log, but publish nothing on the event topic"

@@ -137,9 +137,7 @@ class AgentHttp:
                 url=url,
             ) from exc
         except httpx.HTTPError as exc:
-            raise AgentUnreachableError(
-                f"{method} {url} failed: {_reason(exc)}", url=url
-            ) from exc
+            raise AgentUnreachableError(f"{method} {url} failed: {_reason(exc)}", url=url) from exc
         self._raise_for_status(response, method, url, not_found, what)
         return response
 
@@ -238,7 +236,9 @@ def _errors_of(response: httpx.Response) -> list[Any]:
         if isinstance(errors, list):
             return errors
         if isinstance(errors, dict):  # ASP.NET problem-details shape: {field: [messages]}
-            return [f"{k}: {m}" for k, v in errors.items() for m in (v if isinstance(v, list) else [v])]
+            return [
+                f"{k}: {m}" for k, v in errors.items() for m in (v if isinstance(v, list) else [v])
+            ]
     return []
 
 
@@ -252,4 +252,3 @@ def _snippet(response: httpx.Response, limit: int = 200) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
-

@@ -356,8 +356,7 @@ class JobsClient:
             if job_id is None:
                 raise
             raise JobNotFoundError(
-                f"job {job_id!r} is unknown to the agent; `keeper-task job list` shows what "
-                "exists",
+                f"job {job_id!r} is unknown to the agent; `keeper-task job list` shows what exists",
                 status_code=exc.status_code,
                 url=exc.url,
             ) from exc

@@ -364,9 +364,7 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     with _client(args) as client:
         response = client.run(args.job_id)
-    return _done(
-        args, f"job {args.job_id!r} started (runs asynchronously)", args.job_id, response
-    )
+    return _done(args, f"job {args.job_id!r} started (runs asynchronously)", args.job_id, response)
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:

@@ -83,9 +83,7 @@ class _JobObject(BaseModel):
         """Return ``{alias.lower(): field name}`` for this class."""
         lookup = _JobObject._lookup_cache.get(cls)
         if lookup is None:
-            lookup = {
-                (info.alias or name).lower(): name for name, info in cls.model_fields.items()
-            }
+            lookup = {(info.alias or name).lower(): name for name, info in cls.model_fields.items()}
             _JobObject._lookup_cache[cls] = lookup
         return lookup
 
@@ -212,9 +210,7 @@ class OsFilter(_JobObject):
 class MqttTopics(_JobObject):
     """The job's MQTT permissions, declared on the job root (not in a task)."""
 
-    allowed_publications: list[StrictStr] = Field(
-        default_factory=list, alias="allowedPublications"
-    )
+    allowed_publications: list[StrictStr] = Field(default_factory=list, alias="allowedPublications")
     allowed_subscriptions: list[StrictStr] = Field(
         default_factory=list, alias="allowedSubscriptions"
     )
@@ -355,9 +351,7 @@ def read_job_json(path: str | os.PathLike[str]) -> Any:
     except IsADirectoryError as exc:
         raise JobDefinitionError(f"job file {file} is a directory, not a JSON file") from exc
     except OSError as exc:
-        raise JobDefinitionError(
-            f"cannot read job file {file}: {exc.strerror or exc}"
-        ) from exc
+        raise JobDefinitionError(f"cannot read job file {file}: {exc.strerror or exc}") from exc
     return parse_job_json(data, source=str(file))
 
 
@@ -462,4 +456,3 @@ def json_type_name(value: Any) -> str:
         if isinstance(value, types):
             return name
     return type(value).__name__
-

@@ -62,11 +62,36 @@ API_BASE_TOKEN = "{KeeperApiBaseUrl}"  # noqa: S105 - a token name, not a secret
 LOGGER_TOPIC = "KeeperLogger"
 
 # Extensions that show a path or script was put into `command` instead of a bare name.
-_EXTENSIONS = frozenset({
-    ".exe", ".com", ".bat", ".cmd", ".ps1", ".psm1", ".vbs", ".js", ".msi", ".dll", ".sh",
-    ".bash", ".zsh", ".ksh", ".py", ".pyw", ".pyz", ".pyc", ".pl", ".rb", ".jar", ".bin",
-    ".out", ".app", ".run", ".appimage",
-})
+_EXTENSIONS = frozenset(
+    {
+        ".exe",
+        ".com",
+        ".bat",
+        ".cmd",
+        ".ps1",
+        ".psm1",
+        ".vbs",
+        ".js",
+        ".msi",
+        ".dll",
+        ".sh",
+        ".bash",
+        ".zsh",
+        ".ksh",
+        ".py",
+        ".pyw",
+        ".pyz",
+        ".pyc",
+        ".pl",
+        ".rb",
+        ".jar",
+        ".bin",
+        ".out",
+        ".app",
+        ".run",
+        ".appimage",
+    }
+)
 _CRON_FIELD = re.compile(r"^[\w*/,?#-]+$")
 
 
@@ -244,7 +269,11 @@ def validate_job(
     else:
         try:
             job_id = _check_job(
-                data, out, file_name=file_name, agent_root=agent_root, os_name=os_name,
+                data,
+                out,
+                file_name=file_name,
+                agent_root=agent_root,
+                os_name=os_name,
                 logs_via_mqtt=logs_via_mqtt,
             )
         except Exception as exc:  # a validator bug must still give a report, never raise
@@ -287,8 +316,7 @@ def _check_job(
     has_events = _check_events(obj.get("events"), out)
     if not has_schedule and not has_events:
         out.error(
-            "the job has no trigger: give a schedule, or events such as "
-            '[{"eventType": "Startup"}]'
+            'the job has no trigger: give a schedule, or events such as [{"eventType": "Startup"}]'
         )
 
     parameters = obj.get("parameters")
@@ -332,9 +360,7 @@ def _check_job(
     return job_id
 
 
-def _check_id(
-    obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | None
-) -> str | None:
+def _check_id(obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | None) -> str | None:
     job_id = obj.get("id")
     if job_id is None:
         out.error("id is missing")
@@ -578,9 +604,7 @@ def _check_tasks(
         builtin = command is not None and is_builtin_command(command)
         _check_arguments(obj, out, where, builtin)
         if agent_root is not None and os_allowed and command is not None and not builtin:
-            _check_binary(
-                task, out, where, agent_root=agent_root, os_name=os_name, command=command
-            )
+            _check_binary(task, out, where, agent_root=agent_root, os_name=os_name, command=command)
 
 
 def _check_command(obj: _Obj, out: _Collector, where: str) -> str | None:
@@ -603,9 +627,7 @@ def _check_command(obj: _Obj, out: _Collector, where: str) -> str | None:
         out.error(f"{where}.command {command!r} has leading or trailing spaces")
         return None
     if ext.lower() in _EXTENSIONS:
-        out.error(
-            f"{where}.command {command!r} must be the bare name without extension: {stem!r}"
-        )
+        out.error(f"{where}.command {command!r} must be the bare name without extension: {stem!r}")
         return None
     if ext:
         out.warn(
@@ -634,8 +656,7 @@ def _check_executable_path(
         stem = os.path.splitext(ntpath.basename(posixpath.basename(path)))[0]
         if stem.lower() != command.lower():
             out.warn(
-                f"{where}.executablePath {path!r} names a different file than "
-                f"command {command!r}"
+                f"{where}.executablePath {path!r} names a different file than command {command!r}"
             )
     return path
 

@@ -221,8 +221,7 @@ json_values = st.recursive(
 )
 # Unknown keys must not collide, in any casing or with separators removed, with a known key.
 unknown_keys = st.text(min_size=1, max_size=12).filter(
-    lambda k: k.lower() not in _KNOWN
-    and k.lower().replace("_", "").replace("-", "") not in _KNOWN
+    lambda k: k.lower() not in _KNOWN and k.lower().replace("_", "").replace("-", "") not in _KNOWN
 )
 
 job_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9-]{0,24}", fullmatch=True)
