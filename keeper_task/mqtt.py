@@ -306,7 +306,13 @@ class MqttClient:
             )
         self._open = True
         if self._log is not None:
-            self._log.info("mqtt.connected", host=self.host, port=self.port, tls=self._tls)
+            self._log.info(
+                "mqtt.connected",
+                host=self.host,
+                port=self.port,
+                tls=self._tls,
+                client_id=self.client_id,
+            )
 
     def _abort(self) -> None:
         self._closing = True

@@ -271,7 +271,6 @@ class _Run:
         mqtt = self.mqtt
         assert self.pipeline is not None
         self.pipeline.attach(lambda data: mqtt.publish(KEEPER_LOGGER_TOPIC, data, qos=1))
-        self.log.info("mqtt.connected", host=host, port=port, tls=use_tls, client_id=client_id)
         return mqtt, None
 
     def _allowed_publications(self, job_id: str) -> list[str] | None:

@@ -58,6 +58,25 @@ def test_dev_run_hello_example_prints_its_keeper_logger_message(tmp_path: Path) 
     _assert_clean(tmp_path)
 
 
+def test_dev_run_shows_each_log_event_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event on stderr and on KeeperLogger is shown once; one that never reached the
+    broker (a startup failure) is still shown, from stderr."""
+    ok = _cli("dev", "run", str(HELLO), tmp=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    hello = [ln for ln in ok.stdout.splitlines() if " hello " in ln + " " and "Information" in ln]
+    assert hello == [next(ln for ln in hello if ln.startswith("[KeeperLogger]"))]
+    monkeypatch.setenv("KEEPER_TASK_TRUST_TIMEOUT", "0.3")  # inherited by the task
+    refused = _cli("dev", "run", str(HELLO), "--register-delay", "5", tmp=tmp_path)
+    assert refused.returncode == 77
+    assert any(
+        ln.startswith("[stderr] Error task.error") and "not launched by the agent" in ln
+        for ln in refused.stdout.splitlines()
+    ), refused.stdout
+    _assert_clean(tmp_path)
+
+
 def test_dev_run_with_task_override(tmp_path: Path) -> None:
     """--task "python examples/hello/task.py" replaces the executable; arguments still follow."""
     result = _cli("dev", "run", str(HELLO), "--task", "python examples/hello/task.py", tmp=tmp_path)

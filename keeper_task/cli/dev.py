@@ -143,11 +143,28 @@ def _help(parser: argparse.ArgumentParser) -> int:
 class _Printer:
     """Prints emulator events, one line each (thread-safe: events come from the loop)."""
 
-    def __init__(self, out: TextIO, err: TextIO, *, verbose: bool) -> None:
+    def __init__(
+        self, out: TextIO, err: TextIO, *, verbose: bool, keeper_logger: bool = True
+    ) -> None:
         self.out = out
         self.err = err
         self.verbose = verbose
+        # A keeper-task task logs every event twice: as a JSON line on stderr and on
+        # KeeperLogger. When the job may publish to KeeperLogger, a stderr event is held back
+        # until its KeeperLogger copy arrives (then shown once, as [KeeperLogger]); events
+        # that never arrive (startup failures, denied publishes) are shown by flush().
+        self.keeper_logger = keeper_logger
+        self._pending: dict[tuple[str, str], str] = {}
+        self._delivered: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Show stderr events whose KeeperLogger copy never arrived."""
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for text in pending:
+            self._line(self.out, f"[stderr] {text}")
 
     def _line(self, stream: TextIO, text: str) -> None:
         with self._lock:
@@ -166,6 +183,11 @@ class _Printer:
 
         if isinstance(event, BrokerMessage):
             if event.topic == KEEPER_LOGGER_TOPIC:
+                key = _event_key(event.payload)
+                if key is not None:
+                    with self._lock:
+                        if self._pending.pop(key, None) is None:
+                            self._delivered.add(key)
                 self._line(self.out, f"[KeeperLogger] {format_log(event.payload)}")
             else:
                 self._line(self.out, f"[mqtt {event.topic}] {_snippet(event.text)}")
@@ -173,7 +195,15 @@ class _Printer:
             text = event.text
             if text.startswith("{") and '"message"' in text:
                 # keeper-task tasks log JSON to a non-terminal stderr: show it readably.
+                key = _event_key(text.encode())
                 text = format_log(text.encode())
+                if key is not None and self.keeper_logger and event.stream == "stderr":
+                    with self._lock:
+                        if key in self._delivered:
+                            self._delivered.discard(key)
+                        else:
+                            self._pending[key] = text
+                    return
             self._line(self.out, f"[{event.stream}] {text}")
         elif isinstance(event, DeniedOperation):
             self._line(self.err, f"keeper-task: DENIED {event.describe()}")
@@ -183,6 +213,17 @@ class _Printer:
             who = f" ({event.caller})"
             fault = f" [fault: {event.fault}]" if event.fault else ""
             self._line(self.out, f"[api] {event.method} {event.path} {event.status}{who}{fault}")
+
+
+def _event_key(payload: bytes) -> tuple[str, str] | None:
+    """(timestamp, message) of a keeper-task log document, to pair its two copies."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "timestamp" not in body or "message" not in body:
+        return None
+    return str(body["timestamp"]), str(body["message"])
 
 
 def format_log(payload: bytes) -> str:
@@ -315,7 +356,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
 
-    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose)
+    topics = job.mqtt_topics
+    printer = _Printer(
+        sys.stdout,
+        sys.stderr,
+        verbose=args.verbose,
+        keeper_logger=topics is not None and "KeeperLogger" in (topics.allowed_publications or []),
+    )
     emulator = Emulator(
         port=args.port,
         broker=args.broker,
@@ -338,6 +385,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         finally:
             remove()
+            printer.flush()
         _summary(emulator, run, sys.stdout)
     return run.exit_code
 
@@ -378,7 +426,8 @@ def _summary(emulator: Any, run: Any, out: TextIO) -> None:
 def _agent(args: argparse.Namespace) -> int:
     from keeper_task.emulator import Emulator
 
-    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose)
+    # Many jobs may run here: every line is shown as it comes (no pairing of log copies).
+    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, keeper_logger=False)
     emulator = Emulator(
         jobs_dir=args.jobs_dir,
         state_dir=args.state_dir,
