@@ -20,6 +20,7 @@ little next to the MQTT publish itself; see ``benchmarks/log_throughput.py``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import re
 import sys
@@ -70,6 +71,9 @@ _SECRET_RE = re.compile(
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _secret_cache: dict[str, bool] = {}
+
+#: Levels written to stderr at once instead of with the next coalesced burst.
+_URGENT = frozenset({"warning", "error", "critical"})
 
 #: Events kept before :meth:`LogPipeline.attach`, by default.
 DEFAULT_BUFFER = 1000
@@ -255,6 +259,87 @@ def _format_exc(exc_info: Any) -> str | None:
     return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
 
 
+class _StderrWriter:
+    """Writes log lines to a stream, coalescing bursts when the stream is not a terminal.
+
+    Under the agent stderr is a pipe, and one write per event costs more than the event
+    itself: each write releases the GIL and hands it to paho's network thread. Lines are
+    therefore collected and written together by a flusher thread within ``interval``
+    seconds, at once for warning and above, and on :meth:`flush` (called on detach and at
+    interpreter exit). Only a hard kill can lose the lines of the last ``interval``; they
+    were also sent to KeeperLogger. On a terminal every line is written at once.
+    """
+
+    def __init__(self, stream: TextIO, *, coalesce: bool, interval: float = 0.05) -> None:
+        self._stream = stream
+        self._coalesce = coalesce
+        self._interval = interval
+        self._pending: list[str] = []
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        if coalesce:
+            atexit.register(self.flush)
+
+    def write(self, line: str, *, urgent: bool = False) -> None:
+        if not self._coalesce:
+            self._write_now(line + "\n")
+            return
+        with self._pending_lock:
+            self._pending.append(line)
+            first = len(self._pending) == 1
+            many = len(self._pending) >= 512
+        if urgent or many:
+            self.flush()
+        elif first:
+            if self._thread is None:
+                self._start()
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write every pending line now, in order."""
+        with self._write_lock:
+            with self._pending_lock:
+                lines, self._pending = self._pending, []
+            if lines:
+                self._write_now("\n".join(lines) + "\n", locked=True)
+
+    def close(self) -> None:
+        """Flush and stop the flusher thread."""
+        self.flush()
+        if self._coalesce:
+            atexit.unregister(self.flush)
+            self._coalesce = False
+            self._wake.set()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="keeper-task-stderr", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if not self._coalesce:
+                return
+            # Let the burst accumulate: a bounded delay, not a synchronisation.
+            time.sleep(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def _write_now(self, text: str, *, locked: bool = False) -> None:
+        # try/except is free on the hot path, contextlib.suppress is not.
+        try:
+            if locked:
+                self._stream.write(text)
+                self._stream.flush()
+            else:
+                with self._write_lock:
+                    self._stream.write(text)
+        except (OSError, ValueError):
+            pass  # stderr closed or a broken pipe: logging must never end the task.
+
+
 class LogPipeline:
     """The configured logging outputs; returned by :func:`configure_logging`.
 
@@ -284,6 +369,7 @@ class LogPipeline:
         self.publish_failures = 0
         self.buffer_dropped = 0
         self._stream = stream
+        self._out = _StderrWriter(stream, coalesce=_is_pipe_or_file(stream))
         self._json = KeeperJsonSchema()
         # With the default schema the stderr JSON line *is* the payload: render once.
         self._reuse = type(schema) is KeeperJsonSchema
@@ -344,9 +430,14 @@ class LogPipeline:
         self.flush()
 
     def flush(self) -> None:
-        """Flush the stderr stream."""
+        """Write pending stderr lines and flush the stream."""
+        self._out.flush()
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
+
+    def close(self) -> None:
+        """Flush stderr and stop the background flusher (the pipeline stays usable)."""
+        self._out.close()
 
     @property
     def attached(self) -> bool:
@@ -373,11 +464,12 @@ class LogPipeline:
         record = self._record(level, ev, name)
         with self._lock:
             text: str | None = None
+            urgent = level in _URGENT
             if self.json_lines:
                 text = self._json.render(record)
-                self._write(text)
+                self._out.write(text, urgent=urgent)
             else:
-                self._write(self._render_console(record))
+                self._out.write(self._render_console(record), urgent=urgent)
             if self._emitting:
                 # An event logged from inside the publish path: stderr only, no recursion.
                 return
@@ -437,7 +529,8 @@ class LogPipeline:
             "exception": None,
             "fields": fields,
         }
-        self._write(self._json.render(record) if self.json_lines else self._render_console(record))
+        line = self._json.render(record) if self.json_lines else self._render_console(record)
+        self._out.write(line, urgent=True)
 
     def _render_console(self, record: LogRecord) -> str:
         ev: dict[str, Any] = {
@@ -452,12 +545,14 @@ class LogPipeline:
         assert self._console is not None
         return self._console(None, record["level"], ev)
 
-    def _write(self, line: str) -> None:
-        # try/except is free on the hot path, contextlib.suppress is not.
-        try:  # noqa: SIM105
-            self._stream.write(line + "\n")
-        except (OSError, ValueError):
-            pass  # stderr closed or a broken pipe: logging must never end the task.
+
+def _is_pipe_or_file(stream: TextIO) -> bool:
+    """True for a stream on a real descriptor that is not a terminal (where writes cost)."""
+    try:
+        stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False  # in-memory streams (tests) are written at once
+    return not _isatty(stream)
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -465,6 +560,9 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
+
+
+_current: LogPipeline | None = None
 
 
 def configure_logging(
@@ -512,6 +610,10 @@ def configure_logging(
         # structlog.get_logger("name") passes the name here: it becomes the event's source.
         return _Sink(emit, str(args[0])) if args and args[0] else pipeline._sink
 
+    global _current  # noqa: PLW0603 - part of the one global: the logging configuration
+    if _current is not None:
+        _current.close()  # its pending lines are written; its flusher thread ends
+    _current = pipeline
     structlog.reset_defaults()
     structlog.configure(
         processors=pipeline.processors,

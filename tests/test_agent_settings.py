@@ -124,5 +124,5 @@ def test_direct_construction_validates_too():
 def test_view_is_immutable():
     """The view is frozen: a setting cannot be changed after it was read."""
     s = AgentSettings.from_map({})
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(AttributeError, match="frozen"):
         s.broker_port = 1  # type: ignore[misc]

@@ -58,9 +58,7 @@ def test_dev_run_hello_example_prints_its_keeper_logger_message(tmp_path: Path) 
     _assert_clean(tmp_path)
 
 
-def test_dev_run_shows_each_log_event_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dev_run_shows_each_log_event_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An event on stderr and on KeeperLogger is shown once; one that never reached the
     broker (a startup failure) is still shown, from stderr."""
     ok = _cli("dev", "run", str(HELLO), tmp=tmp_path)

@@ -6,6 +6,9 @@ import io
 import json
 import os
 import pty
+import select
+import time
+from typing import Any
 
 import pytest
 import structlog
@@ -293,3 +296,60 @@ def test_positional_formatting_and_bind():
     log.info("processed %d items", 3)
     (doc,) = json_lines(err)
     assert doc["message"] == "processed 3 items" and doc["properties"] == {"run_id": "r1"}
+
+
+def _pipe_stream() -> tuple[Any, int]:
+    read_fd, write_fd = os.pipe()
+    return os.fdopen(write_fd, "w", buffering=1), read_fd
+
+
+def _read_until(read_fd: int, needle: bytes, timeout: float = 5.0) -> bytes:
+    """Read the pipe until `needle` arrived (select with a deadline, no sleeping)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([read_fd], [], [], remaining)
+        if ready:
+            data += os.read(read_fd, 65536)
+    return data
+
+
+def test_stderr_bursts_to_a_pipe_are_coalesced_but_arrive_in_order() -> None:
+    """To a pipe, a burst of info lines is written in few writes, in order, within the
+    flush interval, without any flush call."""
+    stream, read_fd = _pipe_stream()
+    try:
+        pipeline = configure_logging(fmt="json", stream=stream)
+        log = pipeline.get_logger()
+        for i in range(200):
+            log.info("burst", i=i)
+        log.info("last")
+        data = _read_until(read_fd, b'"last"')
+        docs = [json.loads(line) for line in data.decode().splitlines()]
+        assert [d["properties"]["i"] for d in docs if d["message"] == "burst"] == list(range(200))
+        assert docs[-1]["message"] == "last"
+        pipeline.close()
+    finally:
+        stream.close()
+        os.close(read_fd)
+
+
+def test_warnings_reach_a_pipe_at_once() -> None:
+    """A warning (and what was pending before it) is written immediately, not batched."""
+    stream, read_fd = _pipe_stream()
+    try:
+        pipeline = configure_logging(fmt="json", stream=stream)
+        log = pipeline.get_logger()
+        log.info("before")
+        log.warning("careful")
+        ready, _, _ = select.select([read_fd], [], [], 0)  # no waiting at all
+        assert ready
+        data = os.read(read_fd, 65536).decode()
+        assert [json.loads(line)["message"] for line in data.splitlines()] == ["before", "careful"]
+        pipeline.close()
+    finally:
+        stream.close()
+        os.close(read_fd)
