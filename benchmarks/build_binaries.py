@@ -17,6 +17,7 @@ Medians of N runs, printed with ratios to ``python task.py``. Needs PyPI for the
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,14 @@ def main() -> int:
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="keeper-task-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _bench(work, args.runs)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)  # two builds: ~100 MB
+
+
+def _bench(work: Path, runs: int) -> int:
     spec = scaffold.make_spec("bench-task", keeper_task_spec=f"keeper-task @ {REPO.as_uri()}")
     root = work / "bench-task"
     scaffold.create_project(spec, root, force=True)
@@ -87,8 +96,8 @@ def main() -> int:
     with Emulator() as agent:
         for name, cmd in commands.items():
             print(f"measuring {name} ...", flush=True)
-            results[name]["start_s"] = _median_start(cmd, args.runs)
-            results[name]["run_s"] = _median_run(agent, cmd, job, args.runs)
+            results[name]["start_s"] = _median_start(cmd, runs)
+            results[name]["run_s"] = _median_run(agent, cmd, job, runs)
 
     base = results["python task.py"]
     print()
@@ -108,7 +117,7 @@ def main() -> int:
         f"onefile/onedir: size {results['onefile']['size_mb'] / results['onedir']['size_mb']:.2f}x,"
         f" start {results['onefile']['start_s'] / results['onedir']['start_s']:.2f}x"
     )
-    print(f"(build dir: {work}; onefile build reuses the onedir build environment)")
+    print("(the onefile build reuses the onedir build environment; --keep DIR keeps them)")
     return 0
 
 

@@ -5,7 +5,9 @@ Steps, each shown as one progress line:
 1. A build environment: a venv in ``<project>/build/keeper-task/venv`` (reused while its Python
    stays the same) holding only the project, its runtime dependencies and PyInstaller -- never
    the developer's tools: every module a binary carries costs start-up time and size, and
-   httpx loads its command-line interface when click and rich are importable.
+   httpx loads its command-line interface when click and rich are importable. A keeper-task
+   installed from a checkout or a local file goes in from that same source
+   (:func:`local_keeper_task`): the index may not have it, and the binary carries what was tested.
 2. A check that no tooling package got into that environment.
 3. PyInstaller, for the OS it runs on (it cannot cross-build), onedir by default, writing
    ``dist/Jobs/bin/<Command>/<Command>[.exe]`` exactly as the agent resolves it.
@@ -45,6 +47,7 @@ __all__ = [
     "BuildResult",
     "build_project",
     "load_project",
+    "local_keeper_task",
     "make_bundle",
     "unsigned_notice",
 ]
@@ -119,6 +122,7 @@ class BuildProject:
         task: ``module:Class`` of the Task subclass.
         jobs_dir: Directory holding ``<os>/<job id>.json``.
         dependencies: The project's runtime requirement names (normalised).
+        requirements: The project's runtime requirement lines, as written.
     """
 
     root: Path
@@ -127,6 +131,7 @@ class BuildProject:
     task: str
     jobs_dir: Path
     dependencies: frozenset[str]
+    requirements: tuple[str, ...] = ()
 
     def job_file(self, os_name: str) -> Path:
         """The job file for ``os_name``."""
@@ -176,7 +181,8 @@ def load_project(root: Path) -> BuildProject:
         for dep in deps
         if isinstance(dep, str) and (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", dep.strip()))
     )
-    project = BuildProject(root.resolve(), job_id, command, task, jobs_dir, names)
+    lines = tuple(dep.strip() for dep in deps if isinstance(dep, str))
+    project = BuildProject(root.resolve(), job_id, command, task, jobs_dir, names, lines)
     os_name = current_os()
     job_file = project.job_file(os_name)
     if not job_file.is_file():
@@ -262,6 +268,35 @@ def _pyinstaller_spec() -> str:
     except metadata.PackageNotFoundError:
         pass
     return _DEFAULT_PYINSTALLER_SPEC
+
+
+def local_keeper_task(project: BuildProject) -> str | None:
+    """The requirement that installs *this* keeper-task into the build environment, if needed.
+
+    When the keeper-task running the build comes from a local checkout or file (an editable
+    install, ``pip install /path``: PEP 610 ``direct_url.json`` with a ``file:`` URL), an
+    index may not hold that version at all, and the binary should carry the code the task was
+    tested with: return ``keeper-task @ <that URL>``. Return ``None`` when keeper-task came
+    from an index (the project's own requirement resolves there) or when the project already
+    points keeper-task at a direct reference of its own (``keeper-task @ ...``).
+    """
+    for req in project.requirements:
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req)
+        if match and _normalize(match.group(0)) == "keeper-task" and "@" in req:
+            return None
+    try:
+        raw = metadata.distribution("keeper-task").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    if not raw:
+        return None
+    try:
+        url = json.loads(raw).get("url")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(url, str) or not url.startswith("file:"):
+        return None
+    return f"keeper-task @ {url}"
 
 
 _ERROR_LINE_RE = re.compile(r"^(ERROR|error|[A-Za-z_.]*(Error|Exception))\b")
@@ -571,7 +606,10 @@ def build_project(
         py, venv_dir, python=python or sys.executable, echo=echo, log=logs / "venv.log", fresh=fresh
     )
     pyinstaller = _pyinstaller_spec()
+    local = local_keeper_task(project)
     echo(f"[2/5] installing the project and {pyinstaller} (runtime only; log {logs / 'pip.log'})")
+    if local is not None:
+        echo(f"      with the keeper-task running this build: {local}")
     pip_log = logs / "pip.log"
     try:
         _run_step(
@@ -585,6 +623,7 @@ def build_project(
                 "only-if-needed",
                 "--upgrade",
                 str(project.root),
+                *([local] if local is not None else []),
                 pyinstaller,
             ],
             log=pip_log,
@@ -597,6 +636,13 @@ def build_project(
             raise BuildError(
                 f"PyInstaller could not be installed into the build environment ({pyinstaller}; "
                 f"needs PyPI or a local index): {_last_line(pip_log)}; full log: {pip_log}"
+            ) from exc
+        if "no matching distribution found for keeper-task" in text:
+            raise BuildError(
+                "keeper-task could not be installed into the build environment (not on the "
+                "package index): install keeper-task from a checkout or file in the environment "
+                "you build from (pip install /path/to/keeper-task), or point the project's "
+                f"requirement at it ('keeper-task @ file:///path'); full log: {pip_log}"
             ) from exc
         raise
     bad = tooling_found(_installed(py), allowed=project.dependencies)

@@ -117,9 +117,11 @@ class TaskContext(Generic[S]):
 
         Raises:
             TaskFailed: Always; the framework turns it into the exit code.
+            ValueError: ``exit_code`` is outside 1-255: the OS keeps only the low 8 bits,
+                so 256 would read as success.
         """
-        if exit_code == 0:
-            raise ValueError("ctx.fail() needs a non-zero exit code")
+        if isinstance(exit_code, bool) or not 1 <= exit_code <= 255:
+            raise ValueError(f"ctx.fail() needs an exit code in 1-255, not {exit_code!r}")
         raise TaskFailed(message, exit_code=exit_code)
 
     def remaining(self) -> float | None:

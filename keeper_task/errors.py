@@ -4,23 +4,23 @@ Every error the framework raises derives from :class:`KeeperTaskError`. Third-pa
 (httpx, paho-mqtt, pydantic) are mapped once, at the module that talks to that library, and
 re-raised ``from`` the original so the cause stays in the traceback::
 
-    KeeperTaskError
+    KeeperTaskError                                                          exit 70
     ├── UsageError                   bad command-line arguments              exit 64
     ├── SettingsError                invalid settings / environment / TLS    exit 78
-    ├── AgentError                   the agent's HTTPS API
+    ├── AgentError                   the agent's HTTPS API                   exit 69
     │   ├── AgentUnreachableError    connection, TLS, timeout, 5xx           exit 69
     │   ├── NotTrustedError          403: the caller is on the wrong tier    exit 77
     │   ├── NotFoundError            404                                     exit 68
     │   │   ├── PluginNotFoundError  unknown plugin name                     exit 68
-    │   │   └── JobNotFoundError     unknown job id
-    │   ├── ValidationFailedError    400 with the agent's ``errors`` array
-    │   └── AgentResponseError       any other unexpected status or body
-    ├── MqttError                    the agent's MQTT broker
+    │   │   └── JobNotFoundError     unknown job id                          exit 68
+    │   ├── ValidationFailedError    400 with the agent's ``errors`` array   exit 69
+    │   └── AgentResponseError       any other status, or a malformed body   exit 69
+    ├── MqttError                    the agent's MQTT broker                 exit 75
     │   ├── BrokerUnavailableError   cannot connect / connection refused     exit 75
-    │   ├── MqttNotAvailableError    no MQTT for this run (no KEEPER_JOB_ID)
-    │   ├── TopicNotDeclaredError    publish to a topic the task did not declare
-    │   └── PublishError             a publish was not acknowledged in time
-    ├── JobDefinitionError           a job JSON file cannot be read or parsed
+    │   ├── MqttNotAvailableError    no MQTT for this run (no KEEPER_JOB_ID) exit 70
+    │   ├── TopicNotDeclaredError    publish to a topic the task did not declare  exit 70
+    │   └── PublishError             a publish was not acknowledged in time  exit 70
+    ├── JobDefinitionError           a job JSON file cannot be read or parsed  exit 78
     ├── EmulatorError                the local agent emulator cannot do it  exit 69
     ├── BuildError                   packaging a task failed (pip, PyInstaller) exit 70
     ├── TaskFailed                   ``ctx.fail()``: an expected task failure  exit 1
@@ -28,7 +28,12 @@ re-raised ``from`` the original so the cause stays in the traceback::
     └── TaskInterrupted              SIGTERM / SIGINT / CTRL_BREAK           exit 128+N
 
 ``exit_code`` on each class is what :meth:`keeper_task.Task.main` exits with when that
-error ends a run; classes without an entry above end a run with 70 (uncaught).
+error ends a run; any other exception ends a run with 70 (uncaught).
+
+``DeadlineExceeded`` and ``TaskInterrupted`` name how a run was *stopped* (logged as
+``task.stopped``). Inside ``setup()``/``run()`` the stop arrives as a ``BaseException``, like
+``KeyboardInterrupt``, so that an ``except Exception`` in task code cannot swallow it: clean
+up in ``teardown()`` or in a ``finally`` block.
 """
 
 from __future__ import annotations
@@ -225,7 +230,10 @@ class TaskFailed(KeeperTaskError):
 
 
 class DeadlineExceeded(KeeperTaskError):
-    """The task's own deadline passed before ``run()`` returned."""
+    """The task's own deadline passed before ``run()`` returned (the logged outcome).
+
+    Task code does not see this class raised: see the module docstring.
+    """
 
     exit_code = ExitCode.DEADLINE
 
@@ -234,7 +242,9 @@ class DeadlineExceeded(KeeperTaskError):
 
 
 class TaskInterrupted(KeeperTaskError):
-    """A signal (SIGTERM, SIGINT, CTRL_BREAK) asked the task to stop.
+    """A signal (SIGTERM, SIGINT, CTRL_BREAK) asked the task to stop (the logged outcome).
+
+    Task code does not see this class raised: see the module docstring.
 
     Attributes:
         signum: The signal number; the process exits with ``128 + signum``.

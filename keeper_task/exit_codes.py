@@ -22,7 +22,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 64
     #: The agent answered 404: unknown plugin name (or, for tooling, unknown job id).
     PLUGIN_NOT_FOUND = 68
-    #: The agent's HTTPS API could not be reached (refused, TLS failure, 5xx past the budget).
+    #: The agent's HTTPS API could not be reached or gave an unusable answer (refused, TLS
+    #: failure, timeout, 5xx past the budget, a malformed body, an unexpected status).
     AGENT_UNREACHABLE = 69
     #: An exception escaped ``setup()``/``run()``/``teardown()``; its traceback is logged.
     UNCAUGHT_EXCEPTION = 70

@@ -204,6 +204,12 @@ class MqttClient:
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._pending = 0  # publishes handed to paho and not yet acked (QoS>0) / written (QoS 0)
+        # Acks for publish(wait=True), tracked here rather than through paho's
+        # MQTTMessageInfo.wait_for_publish(), which raises while paho reconnects although
+        # the message stays queued and is resent.
+        self._waiters = 0
+        self._acked_mids: set[int] = set()
+        self._ack_events: dict[int, threading.Event] = {}
         self._open = False  # between a successful connect() and disconnect()
         self._closing = False
         self._connack = threading.Event()
@@ -284,7 +290,13 @@ class MqttClient:
             ) from exc
         self._client.loop_start()
         remaining = max(0.0, deadline - time.monotonic())
-        if not self._connack.wait(remaining):
+        try:
+            got_connack = self._connack.wait(remaining)
+        except BaseException:
+            # A signal or the task's deadline while waiting: stop paho's thread and socket.
+            self._abort()
+            raise
+        if not got_connack:
             self._abort()
             raise BrokerUnavailableError(
                 f"MQTT broker at {where} sent no CONNACK within {self.connect_timeout:g}s; "
@@ -428,12 +440,25 @@ class MqttClient:
                     f"cannot publish to {topic!r}: the MQTT client is not connected"
                 )
             self._pending += 1
+            if wait:
+                self._waiters += 1
         try:
-            info = self._client.publish(topic, data, qos=qos, retain=retain)
-        except ValueError as exc:
-            self._settle()
-            raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
-        rc = info.rc
+            try:
+                info = self._client.publish(topic, data, qos=qos, retain=retain)
+            except ValueError as exc:
+                self._settle()
+                raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
+            self._check_queued(topic, info.rc, qos)
+            if wait:
+                self._wait_for_ack(topic, info, qos, timeout)
+        finally:
+            if wait:
+                with self._lock:
+                    self._waiters -= 1
+                    if self._waiters == 0:
+                        self._acked_mids.clear()
+
+    def _check_queued(self, topic: str, rc: MQTTErrorCode, qos: int) -> None:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not (
             rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
         ):
@@ -448,14 +473,31 @@ class MqttClient:
             raise BrokerUnavailableError(
                 f"cannot publish to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
             )
-        if wait:
-            limit = self.publish_timeout if timeout is None else timeout
+
+    def _wait_for_ack(
+        self, topic: str, info: paho.MQTTMessageInfo, qos: int, timeout: float | None
+    ) -> None:
+        limit = self.publish_timeout if timeout is None else timeout
+        if qos == 0:
+            # No ack exists for QoS 0: wait until paho wrote it (it may raise while offline).
             try:
                 info.wait_for_publish(limit)
             except (RuntimeError, ValueError) as exc:
                 raise PublishError(f"publish to {topic!r} failed: {exc}") from exc
             if not info.is_published():
+                raise PublishError(f"publish to {topic!r} was not written within {limit:g}s")
+            return
+        with self._lock:
+            if info.mid in self._acked_mids:
+                self._acked_mids.discard(info.mid)
+                return
+            event = self._ack_events[info.mid] = threading.Event()
+        try:
+            if not event.wait(limit):
                 raise PublishError(f"publish to {topic!r} was not acknowledged within {limit:g}s")
+        finally:
+            with self._lock:
+                self._ack_events.pop(info.mid, None)
 
     def subscribe(
         self,
@@ -553,8 +595,15 @@ class MqttClient:
         if not self._closing and self._open and self._log is not None:
             self._log.warning("mqtt.connection_lost", reason=rc.getName(), unacked=self._pending)
 
-    def _on_publish(self, _c: paho.Client, _u: Any, _mid: int, _rc: Any, _props: Any) -> None:
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _props: Any) -> None:
         # Runs under paho's message lock: never log or publish from here.
+        if self._waiters:
+            with self._lock:
+                event = self._ack_events.get(mid)
+                if event is not None:
+                    event.set()
+                elif self._waiters:
+                    self._acked_mids.add(mid)  # acked before its waiter registered
         self._settle()
 
     def _on_subscribe(

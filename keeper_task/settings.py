@@ -15,6 +15,7 @@ Authors add their own options by subclassing :class:`TaskSettings`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import types
 import typing
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from keeper_task.errors import SettingsError, UsageError
 from keeper_task.tls import is_loopback_host
@@ -163,6 +165,12 @@ def normalize_api_base(url: str, *, allow_remote: bool = False) -> str:
         raise ValueError(
             f"{text!r} is not an https:// URL; the agent's API is https://127.0.0.1:<port>"
         )
+    if "@" in parts.netloc:
+        # The URL ends up in error messages and logs: do not quote it, it holds a password.
+        raise ValueError(
+            "the URL holds a user name or password; the agent's API takes none "
+            "(pass https://127.0.0.1:<port>)"
+        )
     host = parts.hostname
     if not host:
         raise ValueError(f"{text!r} has no host")
@@ -185,10 +193,31 @@ def normalize_api_base(url: str, *, allow_remote: bool = False) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing and exiting."""
+    """argparse that raises :class:`UsageError` instead of printing and exiting.
+
+    Messages never quote a value from the command line: a mistyped ``--api-tokn=...`` must
+    not put the token into the agent's logs.
+    """
 
     def error(self, message: str) -> NoReturn:
+        message = _EXPLICIT_ARG.sub("takes no value", message)
         raise UsageError(f"{message} (see --help)")
+
+
+# argparse: "argument --flag: ignored explicit argument 'VALUE'" for ``--flag=VALUE``.
+_EXPLICIT_ARG = re.compile(r"ignored explicit argument .*$")
+
+
+def _unrecognized(extra: Sequence[str]) -> str:
+    """Name unknown options without their values; count other words without showing them."""
+    options = [a.split("=", 1)[0] for a in extra if a.startswith("-") and a not in ("-", "--")]
+    others = len(extra) - len(options)
+    text = ", ".join(dict.fromkeys(options))
+    if others:
+        noun = "argument" if others == 1 else "arguments"
+        more = f"{others} other {noun} (not shown: values may be secret)"
+        text = f"{text} and {more}" if text else more
+    return f"unrecognized arguments: {text}"
 
 
 def _cli_flag(name: str) -> str:
@@ -266,12 +295,18 @@ def parse_settings(
     """
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(settings_cls, prog=prog)
-    namespace = parser.parse_args(args)
+    namespace, extra = parser.parse_known_args(args)
+    if extra:
+        raise UsageError(f"{_unrecognized(extra)} (see --help)")
     given = {k: v for k, v in vars(namespace).items() if v is not None}
     try:
         return settings_cls(**given)
     except ValidationError as exc:
         raise SettingsError(_describe(settings_cls, exc)) from exc
+    except PydanticSettingsError as exc:
+        # A settings source failed before validation: an environment value of a list/dict
+        # field that is not JSON. pydantic-settings names the field, never the value.
+        raise SettingsError(_describe_source_error(settings_cls, exc)) from exc
 
 
 def _env_name(settings_cls: type[TaskSettings], name: str) -> str:
@@ -301,6 +336,18 @@ def _describe(settings_cls: type[TaskSettings], exc: ValidationError) -> str:
     first = problems[0] if problems else str(exc)
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"invalid setting {first}{more}"
+
+
+def _describe_source_error(settings_cls: type[TaskSettings], exc: Exception) -> str:
+    match = re.search(r'field "([^"]+)"', str(exc))
+    name = match.group(1) if match else None
+    if name is None or name not in settings_cls.model_fields:
+        return f"invalid setting: {exc}"
+    return (
+        f"invalid setting {_cli_flag(name)} (env {_env_name(settings_cls, name)}): the "
+        "environment value is not valid JSON; list and dict fields take JSON there, "
+        'e.g. \'["a", "b"]\''
+    )
 
 
 def settings_summary(settings: TaskSettings) -> Mapping[str, object]:

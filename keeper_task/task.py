@@ -68,6 +68,11 @@ class Task(Generic[S]):
             broker would drop it silently. ``None`` (default) checks nothing.
         log_schema: Serializer of ``KeeperLogger`` payloads (default: the documented schema).
 
+    A signal or ``--deadline`` stops ``setup()``/``run()`` at the next Python instruction or
+    inside a blocking call (sleep, socket, lock, subprocess wait), even under an ``except
+    Exception``; a C function that holds the GIL throughout (one huge ``sum()``) is only
+    stopped when it returns. ``teardown()`` then runs, and logs are flushed.
+
     Example:
         >>> class Hello(Task):
         ...     def run(self, ctx: TaskContext) -> None:
@@ -133,11 +138,23 @@ class _Run:
         self.deadline_s = 0.0
         self.flush_timeout = 5.0
         self.stopping = False
+        self.cancelled: _Cancelled | None = None
         self.old_handlers: dict[int, Any] = {}
 
     # --- the run ------------------------------------------------------------------------
 
     def execute(self) -> int:
+        # Handlers first: a signal while arguments are parsed is a clean 128+N too.
+        self._install_signal_handlers()
+        try:
+            return self._execute()
+        except _Cancelled as exc:  # stopped before logging was configured
+            self._say(f"error: {self._error_of(exc)}")
+            return int(self._error_of(exc).exit_code)
+        finally:
+            self._restore_signal_handlers()
+
+    def _execute(self) -> int:
         try:
             settings = parse_settings(self.task_cls.settings_class, self.argv, prog=self.prog)
         except SystemExit as exc:  # --help / --version from argparse
@@ -154,13 +171,13 @@ class _Run:
         )
         self.log = self.pipeline.get_logger("task", task=self.task_cls.__name__)
         self.flush_timeout = settings.mqtt_flush_timeout
-        self._install_signal_handlers()
         code: int = ExitCode.UNCAUGHT_EXCEPTION
         try:
             if settings.deadline is not None:
                 self._start_deadline(settings.deadline)
             code = self._lifecycle(settings)
         except BaseException as exc:
+            self.stopping = True  # the outcome is decided: later signals must not replace it
             code = self._exit_code_for(exc)
         finally:
             code = self._shutdown(code)
@@ -172,15 +189,23 @@ class _Run:
         task.setup(ctx)
         try:
             task.run(ctx)
-        finally:
-            try:
-                task.teardown(ctx)
-            except Exception as exc:  # the run's own outcome wins over a teardown error
-                if sys.exc_info()[1] is None:
-                    raise
-                self.log.error("task.teardown_failed", error=_one_line(exc))
+        except BaseException:
+            self._teardown_after_error(task, ctx)
+            raise
+        # After a successful run, a teardown error is the run's outcome (exit 70).
+        task.teardown(ctx)
+        if self.cancelled is not None:
+            # The task caught the cancellation itself (bare except) and returned anyway.
+            raise self.cancelled
         self.log.info("task.finished", exit_code=0, duration_s=self._elapsed())
         return ExitCode.SUCCESS
+
+    def _teardown_after_error(self, task: Task[Any], ctx: TaskContext[Any]) -> None:
+        """Run teardown after setup/run failed; the run's own outcome wins over its errors."""
+        try:
+            task.teardown(ctx)
+        except Exception as exc:
+            self.log.error("task.teardown_failed", error=_one_line(exc), exc_info=exc)
 
     def _start(self, settings: TaskSettings) -> TaskContext[Any]:
         base = settings.keeper_api_base
@@ -286,16 +311,21 @@ class _Run:
         if isinstance(exc, TaskFailed):
             log.error("task.failed", reason=exc.message, exit_code=exc.exit_code)
             return int(exc.exit_code)
+        if isinstance(exc, _Cancelled):
+            return self._exit_code_for(self._error_of(exc))
         if isinstance(exc, (TaskInterrupted, DeadlineExceeded)):
             log.warning("task.stopped", reason=str(exc), exit_code=exc.exit_code)
             return int(exc.exit_code)
         if isinstance(exc, KeyboardInterrupt):
             if self.deadline_hit:
-                return self._exit_code_for(DeadlineExceeded("deadline exceeded"))
+                return self._exit_code_for(self._deadline_error())
             return self._exit_code_for(TaskInterrupted(signal.SIGINT, "SIGINT"))
         if isinstance(exc, SystemExit):
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            log.info("task.exit_requested", exit_code=code)
+            if isinstance(exc.code, str):  # sys.exit("why"): Python would print "why"
+                log.error("task.exit_requested", exit_code=code, reason=exc.code)
+            else:
+                log.info("task.exit_requested", exit_code=code)
             return code
         if isinstance(exc, KeeperTaskError):
             log.error(
@@ -331,8 +361,6 @@ class _Run:
                 self.plugin_client.close()
         except BaseException as exc:
             self._say(f"warning: shutdown: {_one_line(exc)}")
-        finally:
-            self._restore_signal_handlers()
         return int(code)
 
     # --- signals and the deadline -------------------------------------------------------
@@ -358,11 +386,23 @@ class _Run:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:
-            return  # already cleaning up: let the flush finish
-        if self.deadline_hit and signum == signal.SIGINT:
-            raise DeadlineExceeded(f"deadline of {self.deadline_s:g} s exceeded")
+            return  # already stopping: teardown and the flush must finish
         self.stopping = True
-        raise TaskInterrupted(signum, signal.Signals(signum).name)
+        error: KeeperTaskError
+        if self.deadline_hit and signum == signal.SIGINT:
+            error = self._deadline_error()
+        else:
+            error = TaskInterrupted(signum, signal.Signals(signum).name)
+        self.cancelled = _Cancelled(error)
+        raise self.cancelled
+
+    def _deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"deadline of {self.deadline_s:g} s exceeded")
+
+    def _error_of(self, exc: _Cancelled) -> KeeperTaskError:
+        if isinstance(exc.error, DeadlineExceeded) and self.deadline_hit:
+            return self._deadline_error()
+        return exc.error
 
     def _start_deadline(self, seconds: float) -> None:
         self.deadline_s = seconds
@@ -380,7 +420,8 @@ class _Run:
             elif in_main:
                 _thread.interrupt_main(signal.SIGINT)
             else:
-                _raise_in_thread(target, DeadlineExceeded)
+                self.stopping = True
+                _raise_in_thread(target, _Cancelled)  # stands for the deadline
 
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
@@ -394,6 +435,19 @@ class _Run:
 
     def _say(self, text: str) -> None:
         print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+
+
+class _Cancelled(BaseException):
+    """Ends ``setup()``/``run()`` on a signal or the deadline; ``error`` is the outcome.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: an ``except Exception`` in task code, in
+    a library it calls, or in the log pipeline must not swallow the request to stop. Created
+    without arguments (an asynchronous raise in a thread), it stands for the deadline.
+    """
+
+    def __init__(self, error: KeeperTaskError | None = None) -> None:
+        self.error: KeeperTaskError = error if error is not None else DeadlineExceeded()
+        super().__init__(str(self.error))
 
 
 def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:

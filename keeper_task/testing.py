@@ -32,7 +32,9 @@ Functions and classes:
 Scripted faults (on the emulator, before or during a run):
     * ``agent.faults.forbid(requests=N)`` / ``forbid(seconds=S)``: 403 (startup window);
     * ``agent.faults.fail(503, requests=N)``: 5xx;
-    * ``agent.faults.malformed_settings()``: truncated JSON from Plugin Settings;
+    * ``agent.faults.malformed_settings()``: truncated JSON from Plugin Settings (the
+      runtime exits 69); ``malformed_settings(body={"broker.port": "x"})``: settings that
+      parse but are invalid (exits 78);
     * ``agent.stop_broker()`` / ``agent.start_broker()``: broker down;
     * ``agent.faults.restart_broker_after(messages=N)``: broker restart mid-run;
     * ``Emulator(register_delay=S)``: launched tasks get 403 for S seconds.
@@ -77,21 +79,31 @@ __all__ = ["TaskResult", "agent", "agent_session", "default_job", "run_task"]
 _AGENT_ENV = ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE")
 
 
+def _emulator_class() -> type[Emulator]:
+    """The Emulator class, or an ImportError that says which extra to install."""
+    try:
+        from keeper_task.emulator import Emulator
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("keeper_task"):
+            raise
+        raise ImportError(
+            f"keeper_task.testing needs the [dev] extra (module {exc.name!r} is missing): "
+            "pip install 'keeper-task[dev]'"
+        ) from exc
+    return Emulator
+
+
 @pytest.fixture
 def agent() -> Iterator[Emulator]:
     """A running emulator (embedded broker, temporary state) for one test."""
-    from keeper_task.emulator import Emulator
-
-    with Emulator() as emulator:
+    with _emulator_class()() as emulator:
         yield emulator
 
 
 @pytest.fixture(scope="session")
 def agent_session() -> Iterator[Emulator]:
     """A running emulator shared by the whole test session."""
-    from keeper_task.emulator import Emulator
-
-    with Emulator() as emulator:
+    with _emulator_class()() as emulator:
         yield emulator
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -38,6 +41,29 @@ def _cli(*args: str, tmp: Path, timeout: float = 60) -> subprocess.CompletedProc
 def _assert_clean(tmp: Path) -> None:
     assert psutil.Process().children(recursive=True) == []
     assert list(tmp.glob("keeper-task-emulator-*")) == []
+
+
+def _lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """A queue fed with ``proc``'s stdout lines by a thread (None at EOF)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _wait_line(lines: queue.Queue[str | None], match: Callable[[str], bool]) -> str:
+    """The first line that matches (fails after 30 s without one, or at EOF)."""
+    while True:
+        line = lines.get(timeout=30)
+        assert line is not None, "the process ended before printing the expected line"
+        if match(line):
+            return line
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -160,8 +186,13 @@ def test_dev_run_kills_a_task_past_its_timeout(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
-    """`dev agent` prints CA/cert/key and a curl line; list, create, delete work with curl."""
+    """`dev agent` prints base URL, CA bundle, admin cert/key and a curl line; the seed's
+    curl flows (list, create from a job file with -d @file, trigger, delete) work unchanged
+    but for paths, a triggered run is reported, no client certificate means 403, and a
+    broken job file found at start is reported."""
     state = tmp_path / "state"
+    (state / "Jobs").mkdir(parents=True)
+    (state / "Jobs" / "broken.json").write_text('{"id": "broken",')
     proc = subprocess.Popen(
         [sys.executable, "-m", "keeper_task.cli", "dev", "agent", "--state-dir", str(state)],
         stdout=subprocess.PIPE,
@@ -170,42 +201,44 @@ def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     try:
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl-C"):
-                break
-        info = dict(ln.strip().split(":", 1) for ln in lines[1:] if ":" in ln)
-        curl = info["try"].strip().split()
-        assert curl[0] == "curl" and "--cert" in curl and "--key" in curl
-        base = curl[-1].rsplit("/api/", 1)[0]
+        lines = _lines_of(proc)
+        head = [_wait_line(lines, lambda ln: ln.startswith("keeper-task dev agent: serving"))]
+        while not head[-1].startswith("Press Ctrl-C"):
+            head.append(_wait_line(lines, lambda ln: True))
+        base = head[0].split()[-1]
+        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:-1])}
+        ca, cert, key = info["CA bundle"], info["admin cert"], info["admin key"]
+        assert base.startswith("https://127.0.0.1:")
+        assert Path(ca) == state / "ca.pem" and Path(cert).is_file() and Path(key).is_file()
+        assert info["try"] == f"curl --cacert {ca} --cert {cert} --key {key} {base}/api/Jobs"
         bin_dir = state / "Jobs" / "bin" / "probe"
         bin_dir.mkdir(parents=True)
-        (bin_dir / "probe").write_text("#!/bin/sh\n")
+        (bin_dir / "probe").write_text("#!/bin/sh\nexit 0\n")
         (bin_dir / "probe").chmod(0o755)
         job = tmp_path / "probe-job.json"
-        job.write_text(json.dumps(job_data("probe-job")))
+        job.write_text(json.dumps(job_data("probe-job"), indent=2))  # -d strips newlines
+        creds = ["--cert", cert, "--key", key, "--cacert", ca]
+        json_type = ["-H", "Content-Type: application/json"]
 
-        def run_curl(*extra: str) -> dict:
-            out = subprocess.run(
-                [*curl[:-1], "-s", "-f", *extra], capture_output=True, text=True, check=True
-            )
+        def curl(*args: str) -> dict:
+            out = subprocess.run(["curl", "-s", *args], capture_output=True, text=True, check=True)
             return json.loads(out.stdout)
 
-        assert run_curl(f"{base}/api/Jobs")["count"] == 0
-        created = run_curl(
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            f"@{job}",
-            f"{base}/api/Jobs",
+        assert curl(*creds, f"{base}/api/Jobs")["count"] == 0
+        created = curl("-X", "POST", *creds, *json_type, "-d", f"@{job}", f"{base}/api/Jobs")
+        assert created["success"] is True, created
+        listed = curl(*creds, f"{base}/api/Jobs")
+        assert listed["count"] == 1 and listed["jobs"][0]["id"] == "probe-job"
+        trigger = f"{base}/api/Jobs/probe-job/trigger"
+        run_id = curl("-X", "POST", *creds, *json_type, "-d", "{}", trigger)["runId"]
+        ended = _wait_line(
+            lines,
+            lambda ln: ln.startswith(f"[run] job probe-job {run_id}") and "started" not in ln,
         )
-        assert created["success"] is True
-        assert run_curl(f"{base}/api/Jobs")["count"] == 1
-        assert run_curl("-X", "DELETE", f"{base}/api/Jobs/probe-job")["success"] is True
+        assert "(trigger): succeeded, exit code 0" in ended
+        deleted = curl("-X", "DELETE", *creds, f"{base}/api/Jobs/probe-job")
+        assert deleted["success"] is True
+        assert not (state / "Jobs" / "probe-job.json").exists()
         refused = subprocess.run(
             [
                 "curl",
@@ -215,8 +248,8 @@ def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
                 "-w",
                 "%{http_code}",
                 "--cacert",
-                str(state / "ca.pem"),
-                f"{base}/api/Jobs",
+                ca,
+                base + "/api/Jobs",
             ],
             capture_output=True,
             text=True,
@@ -226,9 +259,147 @@ def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
         if proc.stdout:
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
-    assert (state / "admin.pem").is_file() and (state / "ca.pem").is_file()
+    assert "keeper-task: job file skipped:" in stderr and "broken.json" in stderr
     assert psutil.Process().children(recursive=True) == []
+
+
+HANGING_TASK = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print("child", child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_dev_run_interrupted_kills_the_task_tree_and_summarises(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM while the task runs: the task and its child are killed, a summary
+    line names the signal, the exit code is 128+N, no process or temporary state is left
+    (a second signal during the cleanup does not abort it)."""
+    (tmp_path / "task.py").write_text(HANGING_TASK)
+    job = tmp_path / "sig-job.json"
+    job.write_text(json.dumps(job_data("sig-job")))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keeper_task.cli", "dev", "run", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        lines = _lines_of(proc)
+        child = int(_wait_line(lines, lambda ln: ln.startswith("[stdout] child")).split()[-1])
+        task_pid = psutil.Process(child).ppid()
+        proc.send_signal(signum)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 128 + signum
+        summary = _wait_line(lines, lambda ln: ln.startswith("--- job"))
+        task_line = _wait_line(lines, lambda ln: ln.startswith("    task"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert summary.startswith(f"--- job sig-job: interrupted by {signum.name} after")
+    assert f"exit code {128 + signum}" in summary
+    assert f"(pid {task_pid}) (killed: dev run was stopped)" in task_line
+    for pid in (child, task_pid):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    _assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["task-not-on-path", "task-path-missing", "not-executable", "dir"])
+def test_dev_run_unstartable_task_gives_one_line(tmp_path: Path, case: str) -> None:
+    """A --task command that does not exist, a Jobs/bin binary that is not executable, or a
+    directory given as the job: one error line before anything starts, non-zero exit."""
+    job = tmp_path / "agent" / "Jobs" / "probe-job.json"
+    job.parent.mkdir(parents=True)
+    job.write_text(json.dumps(job_data("probe-job")))
+    args = ["dev", "run", str(job)]
+    expected = {
+        "task-not-on-path": "'no-such-tool-x' is not a file and not found on PATH",
+        "task-path-missing": f"{tmp_path}/nowhere/tool does not exist",
+        "not-executable": "is not executable; run `chmod +x",
+        "dir": "is a directory",
+    }[case]
+    if case == "task-not-on-path":
+        args += ["--task", "no-such-tool-x --flag"]
+    elif case == "task-path-missing":
+        args += ["--task", f"{tmp_path}/nowhere/tool"]
+    elif case == "not-executable":
+        binary = job.parent / "bin" / "probe" / "probe"
+        binary.parent.mkdir(parents=True)
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o644)
+    else:
+        args = ["dev", "run", str(job.parent)]
+    result = _cli(*args, tmp=tmp_path)
+    assert result.returncode != 0
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in errors[0]
+    assert result.stdout == ""
+    _assert_clean(tmp_path)
+
+
+def test_dev_without_the_dev_extra_says_what_to_install(tmp_path: Path) -> None:
+    """Without the [dev] extra's packages, `dev run` prints one line naming the extra."""
+    code = (
+        "import sys; sys.modules['aiohttp'] = None\n"  # as if aiohttp were not installed
+        "from keeper_task.cli import main\n"
+        f"sys.exit(main(['dev', 'run', {str(HELLO)!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "keeper-task: error: keeper-task dev needs the [dev] extra (module 'aiohttp' is "
+        "missing): pip install 'keeper-task[dev]'"
+    ]
+
+
+def test_dev_run_output_pairs_log_copies_by_whole_document() -> None:
+    """Two events of the same millisecond with the same message name (a loop logging items)
+    are each shown once, whichever copy (stderr or KeeperLogger) arrives first."""
+    import io
+
+    from keeper_task.cli.dev import _Printer
+    from keeper_task.emulator import BrokerMessage, OutputLine
+
+    def doc(rank: int) -> str:
+        return json.dumps(
+            {
+                "timestamp": "t1",
+                "level": "Information",
+                "message": "item",
+                "properties": {"rank": rank},
+            }
+        )
+
+    out, err = io.StringIO(), io.StringIO()
+    printer = _Printer(out, err, verbose=False)
+    for rank in (1, 2):
+        printer(BrokerMessage("KeeperLogger", doc(rank).encode()))
+    for rank in (1, 2):
+        printer(OutputLine("run-1", "t", "stderr", doc(rank)))
+    for rank in (3, 4):
+        printer(OutputLine("run-1", "t", "stderr", doc(rank)))
+    for rank in (3, 4):
+        printer(BrokerMessage("KeeperLogger", doc(rank).encode()))
+    printer(OutputLine("run-1", "t", "stderr", doc(5)))  # never reached the broker
+    printer.flush()
+    assert out.getvalue().splitlines() == [
+        *(f"[KeeperLogger] Information item rank={rank}" for rank in (1, 2, 3, 4)),
+        "[stderr] Information item rank=5",
+    ]

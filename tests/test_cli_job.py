@@ -43,6 +43,13 @@ def _shared_server(pki: AdminPki) -> Iterator[HttpsServer]:
         yield srv
 
 
+@pytest.fixture(scope="module")
+def closed_url(pki: AdminPki) -> str:
+    """An https URL on 127.0.0.1 where nothing listens (the agent is unreachable)."""
+    with HttpsServer(pki.server_ca) as srv:
+        return srv.base_url
+
+
 @pytest.fixture
 def server(_shared_server: HttpsServer) -> Iterator[HttpsServer]:
     _shared_server.routes.clear()
@@ -184,7 +191,7 @@ def test_create_list_get_update_delete(
     path = write_job(tmp_path, example_job("a-job"))
     assert run(capsys, "job", "create", str(path), *conn)[:2] == (
         0,
-        "job 'a-job' created (or updated if it existed)\n",
+        "job 'a-job' created or updated (Job saved)\n",
     )
     code, out, _ = run(capsys, "job", "list", *conn)
     assert code == 0 and out.splitlines() == ["a-job  enabled   Disk usage reporter", "1 job"]
@@ -192,10 +199,13 @@ def test_create_list_get_update_delete(
     assert code == 0 and json.loads(out) == example_job("a-job")
     other = write_job(tmp_path, example_job("b-job", name="Renamed"))
     code, out, err = run(capsys, "job", "update", "a-job", str(other), *conn)
-    assert code == 0 and out == "job 'a-job' updated\n"
+    assert code == 0 and out == "job 'a-job' updated (Job updated)\n"
     assert "the agent uses the URL id 'a-job'" in err
     assert agent.jobs["a-job"]["name"] == "Renamed"
-    assert run(capsys, "job", "delete", "a-job", *conn)[:2] == (0, "job 'a-job' deleted\n")
+    assert run(capsys, "job", "delete", "a-job", *conn)[:2] == (
+        0,
+        "job 'a-job' deleted (Job deleted)\n",
+    )
     assert agent.jobs == {}
     assert run(capsys, "job", "list", *conn)[1] == "no jobs (ok)\n"
 
@@ -207,7 +217,10 @@ def test_trigger_run_reload(
     agent.jobs["j"] = example_job("j")
     context_file = tmp_path / "ctx.json"
     context_file.write_text('{"from": "file"}', encoding="utf-8")
-    assert run(capsys, "job", "trigger", "j", *conn)[:2] == (0, "job 'j' triggered\n")
+    assert run(capsys, "job", "trigger", "j", *conn)[:2] == (
+        0,
+        "job 'j' triggered (Job triggered)\n",
+    )
     assert run(capsys, "job", "trigger", "j", "--context", '{"user": "a"}', *conn)[0] == 0
     assert run(capsys, "job", "trigger", "j", "--context", f"@{context_file}", *conn)[0] == 0
     assert run(capsys, "job", "run", "j", *conn)[0] == 0
@@ -243,9 +256,9 @@ def test_bad_context_is_a_usage_error(
 def test_unknown_job_and_rejected_create_exit_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], agent: FakeJobsAgent, conn: list[str]
 ) -> None:
-    """404 and 400 become one error line and a non-zero exit."""
+    """404 exits 68; a job refused locally or by the agent (400) exits 1; one line each."""
     code, _, err = run(capsys, "job", "get", "ghost", *conn)
-    assert code != 0
+    assert code == 68
     assert err == (
         "keeper-task: error: job 'ghost' is unknown to the agent; "
         "`keeper-task job list` shows what exists\n"
@@ -253,11 +266,24 @@ def test_unknown_job_and_rejected_create_exit_non_zero(
     bad = example_job("x")
     bad["enabled"] = "yes"
     code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
-    assert code != 0 and "enabled must be a boolean" in err  # refused locally: wrong type
+    assert code == 1 and "enabled must be a boolean" in err  # refused locally: wrong type
+    assert err.count("\n") == 1
     del bad["enabled"]
     code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
-    assert code != 0
+    assert code == 1 and err.count("\n") == 1
     assert "the agent rejected job 'x' (400): enabled is missing (true or false)" in err
+    agent.jobs["off"] = example_job("off", enabled=False)
+    code, _, err = run(capsys, "job", "trigger", "off", *conn)
+    assert code == 1 and "Job off is disabled" in err
+    malformed = tmp_path / "m.json"
+    malformed.write_text('{"id": "m",\n  "tasks": }', encoding="utf-8")
+    code, _, err = run(capsys, "job", "create", str(malformed), *conn)
+    assert code == 1 and f"{malformed}:2:12: malformed JSON" in err
+    assert server_requests_of(agent) == ["GET", "POST", "POST"]  # nothing sent for local errors
+
+
+def server_requests_of(agent: FakeJobsAgent) -> list[str]:
+    return [r.method for r in agent.server.requests]
 
 
 def test_missing_client_certificate_exits_77(
@@ -341,8 +367,8 @@ def test_deploy_places_validates_creates_and_triggers(
         f"binary: installed {installed}",
         "validate: valid offline (0 warning(s))",
         "agent validate: valid",
-        "create: job 'disk-usage-reporter' registered",
-        "trigger: job 'disk-usage-reporter' triggered",
+        "create: job 'disk-usage-reporter' registered (Job saved)",
+        "trigger: job 'disk-usage-reporter' triggered (Job triggered)",
     ]
     assert installed.read_bytes() == binary.read_bytes()
     if os.name != "nt":
@@ -461,3 +487,301 @@ def test_cli_runs_as_a_module(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert f"{good}: valid" in result.stdout
     assert f"{bad}: error: id 'x_y' contains an underscore" in result.stdout
+
+
+# -- --json, exit codes and bad inputs -------------------------------------------------------
+
+
+def test_json_output_of_every_subcommand_is_valid_json(
+    tmp_path: Path,
+    agent_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent: FakeJobsAgent,
+    conn: list[str],
+) -> None:
+    """Each sub-command's --json output is one JSON document of the documented shape."""
+    job_file = write_job(tmp_path, example_job("j"))
+
+    def as_json(*args: str) -> object:
+        code, out, err = run(capsys, "job", *args, "--json")
+        assert (code, err) == (0, ""), err
+        return json.loads(out)
+
+    assert as_json("validate", str(job_file))["valid"] is True  # type: ignore[index]
+    assert as_json("create", str(job_file), *conn) == {
+        "ok": True,
+        "jobId": "j",
+        "response": {"message": "Job saved", "jobId": "j"},
+    }
+    assert as_json("list", *conn) == {
+        "jobs": [{"id": "j", "name": "Disk usage reporter", "enabled": True}],
+        "count": 1,
+        "message": "ok",
+    }
+    assert as_json("get", "j", *conn) == example_job("j")
+    assert as_json("update", "j", str(job_file), *conn)["jobId"] == "j"  # type: ignore[index]
+    for command in ("trigger", "run"):
+        assert as_json(command, "j", *conn)["ok"] is True  # type: ignore[index]
+    assert as_json("reload", *conn)["jobId"] is None  # type: ignore[index]
+    assert as_json("delete", "j", *conn)["response"] == {"message": "Job deleted"}  # type: ignore[index]
+    deployed = as_json(
+        "deploy",
+        str(write_job(tmp_path, example_job())),
+        "--binary",
+        str(_binary(tmp_path)),
+        "--agent-root",
+        str(agent_root),
+        *conn,
+    )
+    assert deployed["ok"] is True  # type: ignore[index]
+    assert [s["step"] for s in deployed["steps"]] == [  # type: ignore[index]
+        "binary",
+        "validate",
+        "agent validate",
+        "create",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list"],
+        ["get", "j"],
+        ["create", "{job}"],
+        ["update", "j", "{job}"],
+        ["delete", "j"],
+        ["trigger", "j"],
+        ["run", "j"],
+        ["reload"],
+        ["validate", "--online", "{job}"],
+        ["deploy", "{job}", "--binary", "{binary}", "--agent-root", "{root}"],
+    ],
+)
+def test_json_failure_is_valid_json_with_the_exit_code(
+    tmp_path: Path,
+    agent_root: Path,
+    pki: AdminPki,
+    closed_url: str,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+) -> None:
+    """With --json a failing command still prints JSON (ok false, error, exitCode) and exits 69."""
+    url = closed_url
+    values = {
+        "{job}": str(write_job(tmp_path, example_job("j"))),
+        "{binary}": str(_binary(tmp_path)),
+        "{root}": str(agent_root),
+    }
+    argv = [values.get(a, a) for a in args]
+    code, out, err = run(capsys, "job", *argv, "--json", "--url", url, "--cert", str(pki.admin_pem))
+    result = json.loads(out)
+    assert code == 69 and result["ok"] is False and result["exitCode"] == 69
+    assert result["error"].startswith(f"cannot connect to the agent at {url}")
+    assert err == f"keeper-task: error: {result['error']}\n"
+    if args[0] == "deploy":  # the steps done before the agent call are reported
+        assert [s["step"] for s in result["steps"]] == ["binary", "validate"]
+
+
+def test_help_documents_json_output_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each sub-command's --help states its --json shape and the exit codes."""
+    for command in ("validate", "list", "get", "create", "update", "delete", "trigger", "run"):
+        with pytest.raises(SystemExit):
+            main(["job", command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--json prints" in out and '"ok": false' in out, command
+        assert "exit codes: 0 success; 1 job invalid" in out, command
+
+
+def test_deploy_of_an_invalid_job_places_nothing(
+    tmp_path: Path, agent_root: Path, capsys: pytest.CaptureFixture[str], server: HttpsServer
+) -> None:
+    """The agent's rules are checked before the binary is copied: a bad job leaves no trace."""
+    job = example_job()
+    job["tasks"][0]["timeoutSeconds"] = 0
+    code, out, _ = run(
+        capsys,
+        "job",
+        "deploy",
+        str(write_job(tmp_path, job)),
+        "--binary",
+        str(_binary(tmp_path)),
+        "--agent-root",
+        str(agent_root),
+    )
+    assert code == 1
+    assert out.splitlines() == [
+        "validate: error: tasks[0].timeoutSeconds must be a positive integer, got 0",
+        "validate: invalid; fix the errors above",
+    ]
+    assert not (agent_root / "Jobs").exists() and server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("missing binary", 64, "--binary {tmp}/nope does not exist; build the task first"),
+        ("empty dir", 64, "--binary directory {tmp}/empty has no DiskUsageReporter at its top"),
+        ("missing job", 1, "job file {tmp}/missing.json does not exist"),
+        ("two commands", 64, "has several task commands (DiskUsageReporter, Second)"),
+        ("unreachable", 69, "cannot connect to the agent at"),
+    ],
+)
+def test_deploy_bad_inputs_give_one_line(
+    tmp_path: Path,
+    agent_root: Path,
+    closed_url: str,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    code: int,
+    message: str,
+) -> None:
+    """Each bad deploy input ends with exactly one error line and its own exit code."""
+    (tmp_path / "empty").mkdir()
+    job = example_job()
+    if case == "two commands":
+        job["tasks"].append({**job["tasks"][0], "command": "Second"})
+    job_file = str(write_job(tmp_path, job))
+    binary = str(_binary(tmp_path))
+    if case == "missing binary":
+        binary = str(tmp_path / "nope")
+    elif case == "empty dir":
+        binary = str(tmp_path / "empty")
+    elif case == "missing job":
+        job_file = str(tmp_path / "missing.json")
+    got, _, err = run(
+        capsys,
+        "job",
+        "deploy",
+        job_file,
+        "--binary",
+        binary,
+        "--agent-root",
+        str(agent_root),
+        "--url",
+        closed_url,
+    )
+    assert got == code
+    assert err.startswith("keeper-task: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+
+
+# -- end to end against the emulator ---------------------------------------------------------
+
+
+def test_job_commands_against_the_emulator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pki: AdminPki
+) -> None:
+    """create, list, trigger, delete and deploy (twice) work against the real emulator."""
+    from keeper_task.emulator import Emulator
+
+    script = b'#!/bin/sh\necho "deployed-task $*"\n'
+    source = tmp_path / "src"
+    source.mkdir()
+    with Emulator(jobs_dir=tmp_path / "agent" / "Jobs") as emu:
+        conn = [
+            "--url",
+            emu.base_url,
+            "--cert",
+            str(emu.admin_cert),
+            "--key",
+            str(emu.admin_key),
+            "--ca-bundle",
+            str(emu.ca_bundle),
+        ]
+        # A job whose binary the administrator already placed: create -> list -> trigger.
+        placed = emu.agent_root / "Jobs/bin/DiskUsageReporter/DiskUsageReporter"
+        placed.parent.mkdir(parents=True)
+        placed.write_bytes(script)
+        placed.chmod(0o755)
+        job = example_job("e2e-job", osFilter={"linux": True, "windows": True, "macOS": True})
+        job_file = write_job(source, job)
+        code, out, err = run(capsys, "job", "create", str(job_file), *conn)
+        assert (code, err) == (0, ""), err
+        assert emu.job("e2e-job") is not None
+        assert json.loads((emu.jobs_dir / "e2e-job.json").read_text()) == job  # nothing lost
+        code, out, _ = run(capsys, "job", "list", *conn)
+        assert code == 0 and out.splitlines() == [
+            "e2e-job  enabled   Disk usage reporter",
+            "1 job",
+        ]
+        code, out, _ = run(
+            capsys, "job", "trigger", "e2e-job", "--context", '{"k": 1}', "--json", *conn
+        )
+        run_id = json.loads(out)["response"]["runId"]
+        (job_run,) = [r for r in emu.runs if r.run_id == run_id]
+        assert job_run.done.wait(30) and job_run.status == "succeeded", job_run
+        assert job_run.context == {"k": 1}
+        assert job_run.tasks[0].stdout_lines == [
+            f"deployed-task --keeper-api-base={emu.base_url} --threshold-percent 90"
+        ]
+        code, out, _ = run(capsys, "job", "delete", "e2e-job", *conn)
+        assert code == 0 and out.startswith("job 'e2e-job' deleted")
+        assert not (emu.jobs_dir / "e2e-job.json").exists()
+        assert run(capsys, "job", "get", "e2e-job", *conn)[0] == 68
+
+        # deploy: place -> validate -> create -> trigger, run twice.
+        deploy_job = example_job(
+            "deployed", osFilter={"linux": True, "windows": True, "macOS": True}
+        )
+        deploy_job["tasks"][0]["command"] = "Deployed"
+        deploy_file = write_job(source, deploy_job)
+        binary = source / "Deployed-build"
+        binary.write_bytes(script)
+        args = ["job", "deploy", str(deploy_file), "--binary", str(binary)]
+        args += ["--agent-root", str(emu.agent_root), "--trigger", *conn]
+        installed = emu.agent_root / "Jobs/bin/Deployed/Deployed"
+        code, out, err = run(capsys, *args)
+        assert (code, err) == (0, ""), err
+        assert out.splitlines()[0] == f"binary: installed {installed}"
+        assert "create: job 'deployed' registered (Job 'deployed' created)" in out
+        code, out, err = run(capsys, *args)
+        assert (code, err) == (0, ""), err
+        assert out.splitlines()[0] == f"binary: unchanged {installed}"
+        assert "create: job 'deployed' registered (Job 'deployed' updated)" in out
+        runs = [r for r in emu.runs if r.job_id == "deployed"]
+        assert len(runs) == 2
+        assert all(r.done.wait(30) and r.status == "succeeded" for r in runs), runs
+        assert [j.id for j in emu.jobs()] == ["deployed"]
+
+        # Credentials the agent does not accept: exit 77 with the reason.
+        code, _, err = run(
+            capsys, "job", "list", "--url", emu.base_url, "--ca-bundle", str(emu.ca_bundle)
+        )
+        assert code == 77 and "none was given" in err
+        code, _, err = run(
+            capsys,
+            "job",
+            "list",
+            "--url",
+            emu.base_url,
+            "--cert",
+            str(pki.other_pem),
+            "--ca-bundle",
+            str(emu.ca_bundle),
+        )
+        assert code == 77 and f"rejected the client certificate {pki.other_pem}" in err
+
+
+def test_get_prints_what_the_agent_holds_even_outside_the_model(
+    capsys: pytest.CaptureFixture[str], server: HttpsServer, conn: list[str]
+) -> None:
+    """`job get` shows the agent's JSON as sent, e.g. an enum serialized as a number."""
+    stored = example_job("num")
+    stored["tasks"][0]["ExecutionType"] = 0  # .NET writes enums as numbers by default
+    server.route("GET", r"/api/Jobs/num", Response(200, stored))
+    code, out, err = run(capsys, "job", "get", "num", *conn)
+    assert (code, err) == (0, "") and json.loads(out) == stored
+
+
+def test_reload_shows_the_agents_message_and_skipped_files(
+    capsys: pytest.CaptureFixture[str], server: HttpsServer, conn: list[str]
+) -> None:
+    """Human output of reload carries the agent's message and each problem it listed."""
+    body = {"message": "Reloaded 1 job(s)", "errors": ["Jobs/bad.json:2:1: malformed JSON"]}
+    server.route("POST", r"/api/Jobs/reload", Response(200, body))
+    code, out, _ = run(capsys, "job", "reload", *conn)
+    assert code == 0
+    assert out.splitlines() == [
+        "the agent reloaded its job definitions from disk (Reloaded 1 job(s))",
+        "agent: warning: Jobs/bad.json:2:1: malformed JSON",
+    ]

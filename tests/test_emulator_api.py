@@ -200,3 +200,32 @@ def test_reload_rereads_the_directory(emu: Emulator, admin: httpx.Client) -> Non
     assert admin.get("/api/Jobs/dropped-in").status_code == 200
     assert any("wrong-name" in e for e in body["errors"])
     (emu.jobs_dir / "wrong-name.json").unlink()
+
+
+def test_api_and_broker_listen_on_loopback_only(emu: Emulator) -> None:
+    """The HTTPS API and the broker bind 127.0.0.1 only: another address of this host is
+    refused at the TCP level, so nothing off loopback is ever served."""
+    import os
+    import socket
+
+    import psutil
+
+    ports = {emu.port, emu.broker.port}
+    listening = [
+        c
+        for c in psutil.Process(os.getpid()).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
+    ]
+    assert {c.laddr.port for c in listening} == ports
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    others = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    if not others:
+        pytest.skip("this host has no non-loopback IPv4 address to try")
+    for port in ports:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((others[0], port), timeout=5).close()

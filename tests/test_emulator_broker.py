@@ -145,7 +145,8 @@ def test_topic_matching_and_broker_spec() -> None:
     reason="mosquitto is not installed",
 )
 def test_mosquitto_broker_records_but_does_not_enforce(tmp_path: Path) -> None:
-    """--broker mosquitto: TLS listener works, publishes are recorded, nothing is enforced."""
+    """--broker mosquitto: TLS listener works, publishes are recorded, nothing is enforced
+    (and a notice says so)."""
     with Emulator(broker="mosquitto") as agent:
         assert agent.broker.kind == "mosquitto" and not agent.broker.enforces
         lines = _run_probe(
@@ -157,6 +158,7 @@ def test_mosquitto_broker_records_but_does_not_enforce(tmp_path: Path) -> None:
     assert lines == ["connect 0"]
     assert topics == ["KeeperLogger", "Secret/topic"]
     assert agent.denied == []
+    assert any("NOT enforced" in n.text for n in agent.notices)  # said loudly, up front
     import psutil
 
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -136,3 +136,44 @@ def test_build_argv_splits_like_a_shell() -> None:
     """Arguments are one string split like a POSIX shell after substitution."""
     argv, unknown = build_argv(["tool"], "--a='x y' --base={KeeperApiBaseUrl}", "https://h:1")
     assert argv == ["tool", "--a=x y", "--base=https://h:1"] and unknown == []
+
+
+def test_kill_tree_leaves_the_launched_process_to_its_owner() -> None:
+    """Killing a task tree never reaps the launched process itself, so its owner (asyncio's
+    child watcher) still sees the real signal instead of "unknown child, exit 255"."""
+    import signal
+    import subprocess
+
+    from keeper_task.emulator.launcher import _kill_tree
+
+    proc = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        _kill_tree(proc.pid, 5.0, lambda: proc.poll() is not None)
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stopping_the_emulator_kills_a_running_task_and_marks_the_run(tmp_path: Path) -> None:
+    """stop() while a task runs kills its tree; the run ends as "stopped" with the signal's
+    exit code and no leftover-process notice."""
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    agent = Emulator(kill_grace=0.5).start()
+    try:
+        agent.add_job(job_data("stop-job", tasks=[_task("hang", code, timeoutSeconds=60)]))
+        run = agent.start_run("stop-job", command=[PYTHON])
+        assert agent.wait_for(lambda: any(o.stream == "stdout" for o in agent.output), 20)
+        child = int(next(o.text for o in agent.output if o.stream == "stdout"))
+    finally:
+        agent.stop()
+    assert run.done.is_set() and run.status == "stopped"
+    task = run.tasks[0]
+    assert task.stopped and task.exit_code == 128 + 15  # SIGTERM, not a bogus 255
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
+    assert not any("left processes running" in n.text for n in agent.notices)

@@ -65,3 +65,25 @@ def test_registry_forgets_exited_tasks_and_scopes_explicit_trust() -> None:
     with registry.trusting(777):
         assert 777 in registry._roots()[0]
     assert 777 not in registry._roots()[0]
+
+
+def test_grandchild_real_task_is_trusted_for_settings_and_mqtt(
+    agent: Emulator, tmp_path: Path
+) -> None:
+    """A real task started two process levels below the launched one (a wrapper whose
+    child re-executes, like a PyInstaller onefile binary under a launcher script) reads
+    Plugin Settings and connects to the broker as the launched job."""
+    from keeper_task.testing import run_task
+
+    wrapper = write_script(
+        tmp_path, "wrapper.py", "import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n"
+    )
+    hello = Path(__file__).resolve().parents[1] / "examples" / "hello" / "task.py"
+    command = [PYTHON, str(wrapper), PYTHON, str(wrapper), PYTHON, str(hello)]
+    result = run_task(agent, command)
+    assert result.exit_code == 0, result.stderr
+    assert "hello" in result.messages and result.denied == []
+    launched = result.run.tasks[0].pid if result.run else None
+    callers = {r.caller for r in result.requests if r.path == SETTINGS}
+    assert len(callers) == 1 and callers != {f"pid {launched}"}, callers
+    assert agent.messages[-1].client_id == "test-task_Test-task"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_inventory_under_dev_run(scan_dir: Path) -> None:
         text=True,
         timeout=120,
         check=False,
-        env={**__import__("os").environ, "KEEPER_TASK_SCAN_DIR": str(scan_dir)},
+        env={**os.environ, "KEEPER_TASK_SCAN_DIR": str(scan_dir)},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "inventory.summary" in done.stdout

@@ -20,7 +20,7 @@ from keeper_task.errors import (
 )
 from keeper_task.jobs import Job, parse_job
 from tests.support.https import HttpsServer, Response
-from tests.support.jobs import AdminPki, FakeJobsAgent, example_job
+from tests.support.jobs import AdminPki, FakeJobsAgent, HangUpServer, example_job
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,46 @@ def test_403_says_admin_tier_refused_and_tls_worked(
     assert "403 (TLS worked)" in str(info.value)
     assert "Admin tier" in str(info.value)
     assert info.value.status_code == 403
+
+
+def test_403_without_a_certificate_says_none_was_given(pki: AdminPki) -> None:
+    """An agent that only requests client certificates answers 403: the message names the fix."""
+    with HttpsServer(pki.server_ca) as srv:
+        srv.route("GET", r"/api/Jobs", Response(403, {"message": "Forbidden"}))
+        with (
+            JobsClient(srv.base_url, ca_bundle=pki.ca_bundle) as c,
+            pytest.raises(NotTrustedError) as info,
+        ):
+            c.list()
+    assert str(info.value) == (
+        "the agent refused the job list with 403 (TLS worked): the Admin tier needs a client "
+        "certificate and none was given; pass --cert/--key (or KEEPER_ADMIN_CERT/KEEPER_ADMIN_KEY)"
+    )
+    assert info.value.status_code == 403
+
+
+def test_silent_hang_up_after_the_handshake_is_a_refused_certificate(pki: AdminPki) -> None:
+    """A server that drops the connection without a TLS alert is reported as a refused cert."""
+    with HangUpServer(pki.server_ca) as srv:
+        c = JobsClient(srv.base_url, client_cert=pki.other_pem, ca_bundle=pki.ca_bundle)
+        with c, pytest.raises(NotTrustedError) as info:
+            c.reload()
+        assert srv.handled.acquire(timeout=5)
+        with (
+            JobsClient(srv.base_url, ca_bundle=pki.ca_bundle) as bare,
+            pytest.raises(NotTrustedError) as bare_info,
+        ):
+            bare.list()
+    assert str(info.value) == (
+        f"the agent at {srv.base_url} hung up without answering right after the TLS handshake: "
+        f"it most likely rejected the client certificate {pki.other_pem}; use the admin "
+        "certificate issued for this agent (issued by a CA the agent trusts, not expired)"
+    )
+    assert isinstance(info.value.__cause__, AgentUnreachableError)
+    assert isinstance(info.value.__cause__.__cause__, httpx.RemoteProtocolError)
+    assert "requires a client certificate for the Admin tier and none was given" in str(
+        bare_info.value
+    )
 
 
 def test_every_endpoint_sends_the_documented_request(

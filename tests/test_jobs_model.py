@@ -186,3 +186,104 @@ def test_any_valid_job_round_trips_unchanged(data: dict) -> None:
     assert out == data
     assert list(out) == list(data)
     assert json.loads(job.to_json()) == data
+
+
+def _every_field_job() -> dict:
+    """A job using every key of agent-facts.md section 3, with unknown keys at every level."""
+    return {
+        "Id": "every-field",
+        "name": "Every field",
+        "description": "SCENARIO: all keys",
+        "enabled": False,
+        "priority": 10,
+        "schedule": {"cronExpression": "0 3 * * 1-5", "timeZone": "UTC"},
+        "events": ["Startup", {"eventType": "PolicyEvaluationPending", "source": "policy"}],
+        "parameters": [{"name": "threshold", "type": "int", "defaultValue": 90, "required": True}],
+        "condition": {"setting": "x.enabled", "equals": "true", "nested": [None, 1.5]},
+        "alternateJobId": "fallback-job",
+        "osFilter": {"windows": True, "linux": False, "macOS": True, "freebsd": False},
+        "mqttTopics": {
+            "allowedPublications": ["KeeperLogger", "Jobs/every-field/events"],
+            "allowedSubscriptions": ["Jobs/every-field/commands/+"],
+            "qos": 1,
+        },
+        "eventTopic": "Jobs/every-field/events",
+        "tasks": [
+            {
+                "id": "a",
+                "name": "A",
+                "ExecutionType": "UserDesktop",
+                "command": "ToolA",
+                "executablePath": "C:\\KeeperPrivilegeManager\\Jobs\\bin\\ToolA\\ToolA.exe",
+                "arguments": "--keeper-api-base={KeeperApiBaseUrl}",
+                "timeoutSeconds": 3600,
+                "continueOnFailure": True,
+                "scriptType": "Auto",
+                "MergeStdoutJsonIntoContext": True,
+            },
+            {
+                "command": "log-message",
+                "executionType": "Service",
+                "SkipWhenPluginSettingFalse": "x",
+            },
+        ],
+        "futureRootKey": {"deep": {"er": [1, {"x": None}]}},
+    }
+
+
+def test_every_documented_field_round_trips_and_is_typed() -> None:
+    """Each section-3 key is typed on load and written back unchanged, unknown keys included."""
+    data = _every_field_job()
+    job = parse_job(json.dumps(data))
+    assert job.to_json_dict() == data
+    assert list(job.to_json_dict()) == list(data)
+    assert (job.id, job.description, job.enabled, job.priority) == (
+        "every-field",
+        "SCENARIO: all keys",
+        False,
+        10,
+    )
+    assert job.schedule is not None and job.schedule.modes == ["cronExpression"]
+    assert job.schedule.extra_keys == {"timeZone": "UTC"}
+    assert job.event_names == ["Startup", "PolicyEvaluationPending"]
+    assert job.parameters == data["parameters"] and job.condition == data["condition"]
+    assert job.alternate_job_id == "fallback-job"
+    assert job.os_filter is not None and job.os_filter.allows("macos")
+    assert job.os_filter.extra_keys == {"freebsd": False}
+    assert job.mqtt_topics is not None and job.mqtt_topics.extra_keys == {"qos": 1}
+    assert job.mqtt_topics.allowed_subscriptions == ["Jobs/every-field/commands/+"]
+    assert job.event_topic == job.effective_event_topic == "Jobs/every-field/events"
+    first, second = job.tasks
+    assert (first.execution_type, second.execution_type) == ("UserDesktop", "Service")
+    assert first.executable_path is not None and first.executable_path.endswith("ToolA.exe")
+    assert first.continue_on_failure is True and first.timeout_seconds == 3600
+    assert first.extra_keys == {"MergeStdoutJsonIntoContext": True}
+    assert second.extra_keys == {"SkipWhenPluginSettingFalse": "x"}
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"intervalMinutes": 240},
+        {"runAt": "2030-01-01T03:00:00Z"},
+        {"calendar": {"days": ["Mon"], "at": "03:00"}},
+        {"intervalMinutes": None, "cronExpression": "*/5 * * * *"},
+    ],
+)
+def test_each_schedule_mode_round_trips(schedule: dict) -> None:
+    """interval, runAt, calendar and cron (beside an explicit null) are kept as written."""
+    data = example_job(schedule=schedule)
+    job = parse_job(json.dumps(data))
+    assert job.to_json_dict() == data
+    assert job.schedule is not None and len(job.schedule.modes) == 1
+
+
+@pytest.mark.parametrize(
+    "key", ["model_config", "model_fields_set", "_keys", "_order", "__class__", "extra_keys"]
+)
+def test_keys_named_like_model_internals_stay_plain_unknown_keys(key: str) -> None:
+    """A JSON key that looks like a pydantic/private attribute is data, kept as written."""
+    data = {"id": "a", key: {"v": 1}, "tasks": [{"command": "x", key: 2}]}
+    job = parse_job(json.dumps(data))
+    assert job.to_json_dict() == data
+    assert job.extra_keys == {key: {"v": 1}}

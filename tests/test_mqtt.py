@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -119,6 +120,42 @@ def test_connect_times_out_on_silent_server(tls):
             client.connect()
         assert time.monotonic() - t0 < 1.5
         assert not client.connected
+
+
+class _Stop(BaseException):
+    """Stands for a signal or the task's deadline arriving while connect() waits."""
+
+
+def test_connect_interrupted_while_waiting_stops_the_network_thread():
+    """A signal during the CONNACK wait leaves no paho thread behind (nothing keeps running)."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+
+    def on_signal(_signum, _frame):
+        raise _Stop
+
+    old = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        with silent_server() as port:
+            client = MqttClient(
+                host="127.0.0.1",
+                port=port,
+                client_id="interrupted_x",
+                ssl_context=None,
+                connect_timeout=30,
+            )
+            timer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))
+            timer.start()
+            try:
+                with pytest.raises(_Stop):
+                    client.connect()
+            finally:
+                timer.cancel()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    alive = [t.name for t in threading.enumerate() if "interrupted_x" in t.name]
+    assert alive == []
+    assert not client.connected
 
 
 def test_connack_not_authorized_says_process_not_trusted():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -16,7 +17,9 @@ from keeper_task.errors import UsageError
 from keeper_task.jobs import load_job, validate_job
 from tests.support.projects import (
     REPO_ROOT,
+    deploy_env,
     env_with_venv,
+    fake_onedir_binary,
     make_overlay_venv,
     pip_install,
     venv_bin,
@@ -139,7 +142,8 @@ def test_generated_project_layout_and_jobs(
         "--os",
         "windows,linux",
     )
-    assert code == 0 and "created demo-task" in out
+    assert code == 0 and "created project demo-task" in out
+    assert "--agent-root dist" in out  # the next steps include running the built binary
     root = tmp_path / "demo-task"
     for rel in (
         "pyproject.toml",
@@ -189,6 +193,127 @@ def test_templates_come_from_the_checkout_in_an_editable_install() -> None:
     """Without the wheel's keeper_task/_templates, the repository's templates/ is used."""
     root = scaffold.templates_root()
     assert Path(str(root)) == REPO_ROOT / "templates"
+
+
+def test_templates_come_from_the_checkout_after_a_real_editable_install(tmp_path: Path) -> None:
+    """``pip install -e`` then ``keeper-task new`` elsewhere uses the live checkout templates.
+
+    hatchling copies ``force-include`` into site-packages at editable-install time (a snapshot
+    that goes stale); the scaffold must read the checkout's ``templates/`` instead.
+    """
+    py = make_overlay_venv(tmp_path / "venv", include_checkout=False)
+    # With build isolation: hatchling's editable builds need `editables` (from the index).
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--editable",
+            str(REPO_ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    env = env_with_venv(tmp_path / "venv")
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = subprocess.run(
+        [str(py), "-c", "from keeper_task import scaffold; print(scaffold.templates_root())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        check=False,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()) == REPO_ROOT / "templates"
+    done = subprocess.run(
+        [str(py), "-m", "keeper_task.cli", "new", "from-editable"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (work / "from-editable" / "src" / "from_editable" / "task.py").is_file()
+
+
+def test_powershell_scripts_parse(tmp_path: Path) -> None:
+    """The generated build.ps1 and deploy.ps1 are syntactically valid PowerShell.
+
+    PowerShell itself is not installable on this CI (no Debian package, not on PyPI or npm),
+    so a PowerShell grammar (tree-sitter) checks the syntax; the scripts' behaviour is untested.
+    """
+    tsp = pytest.importorskip("tree_sitter_powershell")
+    tree_sitter = pytest.importorskip("tree_sitter")
+    parser = tree_sitter.Parser(tree_sitter.Language(tsp.language()))
+    assert parser.parse(b"if ($a) { Write-Host 'x' ").root_node.has_error  # the check bites
+    spec = scaffold.make_spec("demo-task", publishes=["Reports/demo"])
+    files = scaffold.project_files(spec)
+    for name in ("scripts/build.ps1", "scripts/deploy.ps1"):
+        tree = parser.parse(files[PurePosixPath(name)].encode())
+        assert not tree.root_node.has_error, name
+
+
+@pytest.mark.parametrize("via", ["keeper-task", "curl"])
+def test_deploy_script_places_registers_and_triggers(tmp_path: Path, via: str) -> None:
+    """scripts/deploy.sh (keeper-task or curl path) deploys to the emulator, twice over."""
+    if via == "curl" and shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    from keeper_task.emulator import Emulator
+
+    spec = scaffold.make_spec("demo-task", keeper_task_spec=f"keeper-task @ {REPO_ROOT.as_uri()}")
+    root = tmp_path / "demo-task"
+    scaffold.create_project(spec, root)
+    fake_onedir_binary(
+        root / "dist" / "Jobs" / "bin" / "DemoTask", "DemoTask", root / "src", "demo_task"
+    )
+    env = deploy_env(with_keeper_task=via == "keeper-task")
+    with Emulator(state_dir=tmp_path / "agent") as agent:
+        argv = [
+            "bash",
+            str(root / "scripts" / "deploy.sh"),
+            "--url", agent.base_url,
+            "--agent-root", str(agent.agent_root),
+            "--cert", str(agent.admin_cert),
+            "--key", str(agent.admin_key),
+            "--ca-bundle", str(agent.ca_bundle),
+        ]  # fmt: skip
+        if via == "curl":
+            argv.append("--curl")
+        for attempt in (1, 2):  # idempotent: the second deploy replaces and updates
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert agent.wait_for(
+                lambda n=attempt: len([r for r in agent.runs if r.done.is_set()]) >= n, 30
+            )
+        placed = agent.agent_root / "Jobs" / "bin" / "DemoTask"
+        assert os.access(placed / "DemoTask", os.X_OK) and (placed / "_internal").is_dir()
+        assert agent.job("demo-task") is not None
+        runs = agent.runs
+        assert [r.trigger for r in runs] == ["trigger", "trigger"]
+        assert all(r.status == "succeeded" for r in runs), [r.tasks for r in runs]
+        assert "demo_task.finished" in [log.get("message") for log in agent.logs()]
+    assert f"{root / 'jobs' / scaffold.current_os() / 'demo-task.json'}" in done.stderr
+    if via == "curl":
+        assert "validating" in done.stderr and "keeper-task job" not in done.stderr
 
 
 def test_unknown_placeholder_is_an_error() -> None:

@@ -147,3 +147,43 @@ def test_help_lists_author_options(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--max-items" in out
     assert "--keeper-api-base" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["--api-tokn=s3cr3t"], "--api-tokn"),
+        (["--api-tokn", "s3cr3t"], "--api-tokn and 1 other argument"),
+        (["s3cr3t"], "1 other argument"),
+        (["--dry-run=s3cr3t"], "--dry-run: takes no value"),
+    ],
+)
+def test_usage_errors_never_quote_a_value(argv: list[str], shown: str) -> None:
+    """A mistyped option is named, but no value from the command line is echoed (exit 64)."""
+    with pytest.raises(UsageError) as info:
+        parse_settings(InventorySettings, argv)
+    message = str(info.value)
+    assert shown in message
+    assert "s3cr3t" not in message
+
+
+def test_non_json_env_value_of_a_list_field_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KEEPER_TASK_TAGS that is not JSON: one line naming option and variable (exit 78)."""
+    monkeypatch.setenv("KEEPER_TASK_TAGS", "s3cr3t,b")
+    with pytest.raises(SettingsError) as info:
+        parse_settings(InventorySettings, [])
+    message = str(info.value)
+    assert "--tags (env KEEPER_TASK_TAGS)" in message
+    assert "JSON" in message
+    assert "s3cr3t" not in message
+    assert info.value.exit_code == ExitCode.BAD_SETTINGS
+
+
+def test_api_base_with_credentials_is_refused_without_quoting_them() -> None:
+    """A base URL with user:password is refused, and the password is not repeated."""
+    with pytest.raises(SettingsError) as info:
+        parse_settings(TaskSettings, ["--keeper-api-base=https://me:s3cr3t@127.0.0.1:6889"])
+    assert "user name or password" in str(info.value)
+    assert "s3cr3t" not in str(info.value)

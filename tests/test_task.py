@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 import trustme
 
 from keeper_task import ExitCode, Task, TaskContext, TaskSettings
-from tests.support.brokers import BrokerBase, free_port
+from tests.support.brokers import BrokerBase, free_port, silent_server
 from tests.support.fake_agent import FakeAgent
 
 SAMPLE = Path(__file__).parent / "support" / "sample_task.py"
@@ -354,3 +357,362 @@ def test_settings_class_is_inferred_from_the_generic(
     monkeypatch.delenv("KEEPER_JOB_ID", raising=False)
     assert _TypedTask.settings_class is _Typed
     assert _TypedTask.execute([f"--keeper-api-base={agent.base_url}", "--level", "4"]) == 9
+
+
+# --- audit additions: every exit path, signals, hangs, secrets, TLS sharing ----------------
+
+
+def _popen(base_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(SAMPLE), f"--keeper-api-base={base_url}", *args],
+        env=env if env is not None else _env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_line(stream: Any, fragment: str) -> str:
+    """Read lines until one contains `fragment` (EOF ends the wait: the test then fails)."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if fragment in line:
+            return line
+    raise AssertionError(f"{fragment!r} never appeared; got {''.join(seen)[-2000:]}")
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 20) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+_PUBLISH_FAIL = ("--behaviour", "publish-fail", "--count", "300")
+
+
+def test_default_fail_exits_1_and_flushes_queued_events(
+    agent: FakeAgent, amqtt_broker: BrokerBase
+) -> None:
+    """ctx.fail("why") exits 1 (space form of --keeper-api-base) after flushing queued QoS 1."""
+    with amqtt_broker.collect("Jobs/sample-job/events") as col:
+        proc = subprocess.run(
+            [sys.executable, str(SAMPLE), "--keeper-api-base", agent.base_url, *_PUBLISH_FAIL],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == ExitCode.TASK_FAILED == 1, proc.stderr
+        got = col.wait_for(300, timeout=10)
+    assert "inventory incomplete" in _last_line(proc.stderr)
+    assert sorted(json.loads(p)["i"] for _, p in got) == list(range(300))
+
+
+def test_teardown_error_after_a_successful_run_exits_70(agent: FakeAgent) -> None:
+    """A teardown that raises after run() succeeded is the run's outcome: traceback, exit 70."""
+    proc = _run(agent.base_url, "--behaviour", "teardown-crash")
+    assert proc.returncode == ExitCode.UNCAUGHT_EXCEPTION, proc.stderr
+    assert "task.finished" not in _names(proc.stderr)
+    last = json.loads(_last_line(proc.stderr))
+    assert last["message"] == "task.crashed"
+    assert "teardown failed" in last["properties"]["reason"]
+
+
+def test_teardown_error_after_a_failed_run_keeps_the_runs_code(agent: FakeAgent) -> None:
+    """When run() failed, a teardown error is logged with its traceback; the exit code stays."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN_AFTER_FAIL, f"--keeper-api-base={agent.base_url}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 5, proc.stderr
+    failed = next(e for e in _events(proc.stderr) if e["message"] == "task.teardown_failed")
+    assert "cleanup broke" in failed["properties"]["error"]
+    assert "Traceback" in failed["exception"]
+    assert json.loads(_last_line(proc.stderr))["message"] == "task.failed"
+
+
+_TEARDOWN_AFTER_FAIL = """
+from keeper_task import Task
+class T(Task):
+    def run(self, ctx): ctx.fail("no data", exit_code=5)
+    def teardown(self, ctx): raise OSError("cleanup broke")
+T.main()
+"""
+
+
+def test_signal_during_setup_exits_128_plus_n(agent: FakeAgent) -> None:
+    """SIGTERM while setup() blocks: exit 143 with one task.stopped line, no traceback."""
+    proc = _popen(agent.base_url, "--behaviour", "setup-sleep")
+    assert proc.stdout is not None
+    _wait_line(proc.stdout, "READY")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = _finish(proc)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert json.loads(_last_line(stderr))["message"] == "task.stopped"
+
+
+def test_signal_during_the_startup_retry_loop_exits_cleanly(agent: FakeAgent) -> None:
+    """SIGINT while 403s are being retried ends the run at once with 130, not after the budget."""
+    agent.faults.forbidden = 10**9
+    proc = _popen(agent.base_url, env=_env(KEEPER_TASK_TRUST_TIMEOUT="60"))
+    assert proc.stderr is not None
+    _wait_line(proc.stderr, "agent.retry")  # warnings reach a pipe at once
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, rest = _finish(proc)
+    assert proc.returncode == 130, rest
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in rest
+    assert json.loads(_last_line(rest))["properties"]["reason"] == "interrupted by SIGINT"
+
+
+def test_signal_is_not_swallowed_by_except_exception_in_task_code(agent: FakeAgent) -> None:
+    """A run() loop with `except Exception` still stops on SIGTERM (exit 143)."""
+    proc = _popen(agent.base_url, "--behaviour", "swallow")
+    assert proc.stdout is not None
+    _wait_line(proc.stdout, "READY")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = _finish(proc)
+    assert proc.returncode == 143, stderr
+    assert "sample.swallowed" not in _names(stderr)
+
+
+def test_second_signal_during_teardown_does_not_break_the_flush(
+    agent: FakeAgent, amqtt_broker: BrokerBase
+) -> None:
+    """SIGTERM ends run(); a second SIGTERM in teardown is ignored: teardown ends, all flushed."""
+    with amqtt_broker.collect("Jobs/sample-job/events") as col:
+        proc = _popen(agent.base_url, "--behaviour", "sleep", "--teardown-wait", "--count", "200")
+        assert proc.stdout is not None and proc.stdin is not None
+        _wait_line(proc.stdout, "READY")
+        proc.send_signal(signal.SIGTERM)
+        _wait_line(proc.stdout, "TEARDOWN-START")
+        proc.send_signal(signal.SIGTERM)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, stderr = _finish(proc)
+        assert proc.returncode == 143, stderr
+        got = col.wait_for(200, timeout=10)
+    assert "sample.teardown_done" in _names(stderr)
+    assert sorted(json.loads(p)["i"] for _, p in got) == list(range(200))
+
+
+def test_https_server_that_never_answers_exits_69_within_budget() -> None:
+    """An API port that accepts TCP but never speaks TLS/HTTP: exit 69 within the budget."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        url = f"https://127.0.0.1:{srv.getsockname()[1]}"
+        started = time.monotonic()
+        proc = _run(url, "--http-timeout", "0.4", env=_env(KEEPER_TASK_TRUST_TIMEOUT="0.5"))
+        elapsed = time.monotonic() - started
+    assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
+    assert elapsed < 8
+    assert "timed out" in _last_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_broker_that_never_answers_exits_75_within_the_connect_timeout(
+    ca: trustme.CA, tls: bool
+) -> None:
+    """A broker port that accepts TCP but never answers (plain or TLS): exit 75, no hang."""
+    with silent_server() as port:
+        settings = {"broker.host": "127.0.0.1", "broker.port": str(port)}
+        settings["broker.tls"] = "true" if tls else "false"
+        with FakeAgent(ca, settings) as server:
+            started = time.monotonic()
+            proc = _run(server.base_url, "--mqtt-connect-timeout", "0.5")
+            elapsed = time.monotonic() - started
+    assert proc.returncode == ExitCode.BROKER_UNAVAILABLE, proc.stderr
+    assert elapsed < 8
+    assert "0.5s" in _last_line(proc.stderr)
+
+
+def test_stalled_broker_bounds_the_exit_flush(ca: trustme.CA) -> None:
+    """A broker that never acks: the exit flush gives up after --mqtt-flush-timeout and says so."""
+    with silent_server(connack=b"\x20\x02\x00\x00") as port:
+        settings = {"broker.host": "127.0.0.1", "broker.port": str(port), "broker.tls": "false"}
+        with FakeAgent(ca, settings) as server:
+            started = time.monotonic()
+            proc = _run(
+                server.base_url, "--behaviour", "publish", "--count", "5",
+                "--mqtt-flush-timeout", "0.3",
+            )  # fmt: skip
+            elapsed = time.monotonic() - started
+    assert proc.returncode == ExitCode.SUCCESS, proc.stderr
+    assert elapsed < 8
+    assert "were not acknowledged before exit" in _last_line(proc.stderr)
+
+
+def test_wrong_server_certificate_with_ca_bundle_exits_69(agent: FakeAgent, tmp_path: Path) -> None:
+    """--ca-bundle of another CA: the agent's certificate is refused in one line, exit 69."""
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    proc = _run(agent.base_url, "--ca-bundle", str(other))
+    assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
+    assert "certificate" in _last_line(proc.stderr)
+    assert "--ca-bundle" in _last_line(proc.stderr)
+    assert len([r for r in agent.requests if "PluginSettings" in r.path]) == 0
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_settings_body_exits_69_without_quoting_it(agent: FakeAgent) -> None:
+    """A settings body that is not JSON: a clear one-line error, exit 69, not retried."""
+    agent.faults.body = b'{"broker.host": s3cr3t'
+    proc = _run(agent.base_url)
+    assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
+    assert "not valid JSON" in _last_line(proc.stderr)
+    assert "s3cr3t" not in proc.stderr
+    assert agent.faults.seen == 1
+
+
+def test_secret_setting_values_are_never_logged(agent: FakeAgent, amqtt_broker: BrokerBase) -> None:
+    """A setting named api_token never reaches stderr or KeeperLogger, even when mistyped."""
+    secret = "s3cr3t-T0ken"
+    with amqtt_broker.collect("KeeperLogger") as col:
+        proc = _run(agent.base_url, "--api-token", secret, "--log-level", "trace")
+        assert proc.returncode == ExitCode.SUCCESS, proc.stderr
+        payloads = b"".join(p for _, p in col.wait_for(3, timeout=10))
+    assert secret not in proc.stderr
+    assert secret.encode() not in payloads
+    for typo in ([f"--api-tokn={secret}"], ["--api-tokn", secret], [secret]):
+        proc = _run(agent.base_url, *typo)
+        assert proc.returncode == ExitCode.USAGE
+        assert secret not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class _Spy(Task):
+    """Records what the context offers while running in-process."""
+
+    seen: dict[str, Any] = {}  # noqa: RUF012
+    publishes = ("Jobs/{job_id}/events",)
+
+    def run(self, ctx: TaskContext) -> None:
+        assert ctx.mqtt is not None
+        ctx.publish(f"Jobs/{ctx.job_id}/events", {"n": 1}, wait=True)
+        _Spy.seen = {"unacked": ctx.mqtt.unacked, "client_id": ctx.mqtt.client_id}
+
+
+@pytest.fixture
+def inproc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("KEEPER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KEEPER_JOB_ID", "inproc")
+    monkeypatch.setenv("KEEPER_TASK_LOG_FORMAT", "json")
+
+
+@pytest.mark.usefixtures("inproc_env")
+def test_publish_wait_returns_after_the_broker_acked(
+    agent: FakeAgent, amqtt_broker: BrokerBase
+) -> None:
+    """ctx.publish(..., wait=True) returns only once the broker acknowledged the message."""
+    with amqtt_broker.collect("Jobs/inproc/events") as col:
+        assert _Spy.execute([f"--keeper-api-base={agent.base_url}"]) == 0
+        assert col.wait_for(1, timeout=5)[0][1] == b'{"n":1}'
+    assert _Spy.seen["unacked"] == 0
+
+
+@pytest.mark.usefixtures("inproc_env")
+def test_client_id_template_is_a_setting(agent: FakeAgent, amqtt_broker: BrokerBase) -> None:
+    """--mqtt-client-id-template shapes the client id; a template hiding the job id exits 78."""
+    template = "--mqtt-client-id-template={job_id}_{pid}"
+    assert _Spy.execute([f"--keeper-api-base={agent.base_url}", template]) == 0
+    assert _Spy.seen["client_id"] == f"inproc_{os.getpid()}"
+    bad = "--mqtt-client-id-template=x_{job_id}"
+    assert _Spy.execute([f"--keeper-api-base={agent.base_url}", bad]) == ExitCode.BAD_SETTINGS
+
+
+@pytest.mark.usefixtures("inproc_env")
+def test_one_ssl_context_for_https_and_mqtt_and_no_certifi(
+    ca: trustme.CA,
+    amqtt_tls_broker: BrokerBase,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS and MQTT share the one SSLContext built from --ca-bundle; certifi is never loaded."""
+    import certifi
+
+    assert amqtt_tls_broker.ca_pem_path is not None
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.cert_pem.bytes() + Path(amqtt_tls_broker.ca_pem_path).read_bytes())
+    used: list[int] = []
+    created: list[Any] = []
+    wrap = ssl.SSLContext.wrap_socket
+    default_context = ssl.create_default_context
+
+    def spy_wrap(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("server_side"):
+            used.append(id(self))
+        return wrap(self, *args, **kwargs)
+
+    def spy_default(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        created.append(kwargs.get("cafile"))
+        return default_context(*args, **kwargs)
+
+    def no_certifi() -> str:
+        raise AssertionError("certifi's bundle was loaded")
+
+    monkeypatch.setattr(ssl.SSLContext, "wrap_socket", spy_wrap)
+    monkeypatch.setattr(ssl, "create_default_context", spy_default)
+    monkeypatch.setattr(certifi, "where", no_certifi)
+    with FakeAgent(ca, _settings_for(amqtt_tls_broker)) as server:
+        args = [f"--keeper-api-base={server.base_url}", f"--ca-bundle={bundle}"]
+        assert _Spy.execute(args) == 0
+    assert created == [str(bundle)]
+    assert len(used) >= 2  # the HTTPS request and the MQTT connection
+    assert len(set(used)) == 1
+
+
+class _Busy(Task):
+    """Catches every Exception in a pure-Python loop until stopped."""
+
+    def run(self, ctx: TaskContext) -> None:
+        while True:
+            try:
+                sum(range(1000))
+            except Exception:  # the point: this must not swallow the deadline
+                continue
+
+
+@pytest.mark.usefixtures("inproc_env")
+def test_deadline_off_the_main_thread_is_not_swallowed(agent: FakeAgent) -> None:
+    """Task.execute() in a worker thread: the deadline ends a run that catches Exception."""
+    result: list[int] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            _Busy.execute([f"--keeper-api-base={agent.base_url}", "--no-mqtt", "--deadline=0.3"])
+        )
+    )
+    worker.start()
+    worker.join(15)
+    assert not worker.is_alive()
+    assert result == [ExitCode.DEADLINE]
+
+
+@pytest.mark.parametrize("code", [0, 256, -1])
+def test_fail_refuses_exit_codes_the_os_would_not_keep(code: int) -> None:
+    """ctx.fail() takes 1-255 only: 256 would reach the agent as 0, a success."""
+    from keeper_task.agent_settings import AgentSettings
+
+    ctx: TaskContext = TaskContext(
+        settings=TaskSettings(),
+        agent_settings=AgentSettings(),
+        log=None,
+        plugin_settings=None,  # type: ignore[arg-type]
+        mqtt=None,
+    )
+    with pytest.raises(ValueError, match="1-255"):
+        ctx.fail("why", exit_code=code)

@@ -14,6 +14,42 @@ HELLO_SCRIPT = ROOT / "examples" / "hello" / "task.py"
 SETTINGS = "/api/PluginSettings/KeeperPrivilegeManager"
 FAST = {"KEEPER_TASK_TRUST_TIMEOUT": "5", "KEEPER_TASK_MQTT_CONNECT_TIMEOUT": "2"}
 
+# A real task that waits (bounded) for the broker to drop it, publishes while it is down
+# (QoS 1: queued by paho, resent on reconnect), then logs once it is connected again.
+RESTART_TASK = """
+import time
+from keeper_task import Task
+
+def wait_until(check, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            raise SystemExit("the broker did not restart")
+        time.sleep(0.01)
+
+class Restart(Task):
+    def run(self, ctx):
+        wait_until(lambda: not ctx.mqtt.connected)
+        ctx.publish(ctx.event_topic, {"sent": "while the broker was down"})
+        wait_until(lambda: ctx.mqtt.connected)
+        ctx.log.info("after-restart")
+
+if __name__ == "__main__":
+    Restart.main()
+"""
+
+
+RESTART_WAIT_TASK = RESTART_TASK.replace(
+    'ctx.publish(ctx.event_topic, {"sent": "while the broker was down"})',
+    'ctx.publish(ctx.event_topic, {"sent": "while the broker was down"}, wait=True, timeout=20)',
+)
+
+
+def _script(directory: Path, code: str) -> Path:
+    path = directory / "task.py"
+    path.write_text(code)
+    return path
+
 
 class Greeter(Task):
     def run(self, ctx: TaskContext) -> None:
@@ -79,16 +115,63 @@ def test_broker_down_fails_with_broker_unavailable(agent: Emulator) -> None:
     assert result.logs == []
 
 
-def test_broker_restart_mid_run(agent: Emulator) -> None:
-    """faults.restart_broker_after(1): the broker restarts after the first accepted publish."""
+def test_broker_restart_mid_run(agent: Emulator, tmp_path: Path) -> None:
+    """faults.restart_broker_after(1): a launched task loses the broker, reconnects (still
+    trusted), and a publish made while it was down is delivered after the restart."""
     agent.faults.restart_broker_after(messages=1)
-    result = run_task(agent, Greeter, env=FAST)
-    assert any("broker restarting" in n.text for n in result.notices)
-    assert agent.wait_for(lambda: any("broker restarted" in n.text for n in agent.notices))
-    assert agent.broker.running
-    # The first accepted publish got through before the restart.
-    assert len(result.logs) >= 1
-    assert result.exit_code in (0, 75), result.stderr
+    result = run_task(agent, _script(tmp_path, RESTART_TASK), env=FAST)
+    assert result.exit_code == 0, result.stderr
+    assert any("broker restarted" in n.text for n in agent.notices)
+    assert [m.json() for m in result.publishes] == [{"sent": "while the broker was down"}]
+    assert "mqtt.reconnected" in result.messages and "after-restart" in result.messages
+    assert result.denied == []
+
+
+def test_publish_with_wait_rides_out_a_broker_restart(agent: Emulator, tmp_path: Path) -> None:
+    """publish(wait=True) made while the broker is down blocks until the reconnect delivers
+    and acknowledges it, instead of failing at once (paho's own wait raises then)."""
+    agent.faults.restart_broker_after(messages=1)
+    result = run_task(agent, _script(tmp_path, RESTART_WAIT_TASK), env=FAST)
+    assert result.exit_code == 0, result.stderr
+    assert [m.json() for m in result.publishes] == [{"sent": "while the broker was down"}]
+    assert "after-restart" in result.messages
+
+
+def test_403_for_some_seconds_then_success(agent: Emulator) -> None:
+    """faults.forbid(seconds=S): a launched task is refused for S seconds, then trusted."""
+    agent.faults.forbid(seconds=0.6)
+    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    assert result.exit_code == 0, result.stderr
+    statuses = _settings_requests(result)
+    assert statuses[0] == (403, "forbid 403") and statuses[-1] == (200, None)
+    assert "hello" in result.messages
+
+
+def test_403_forever_exits_not_trusted(agent: Emulator) -> None:
+    """403 past the runtime's trust budget: the launched task exits 77, every request 403."""
+    agent.faults.forbid(seconds=60)
+    result = run_task(agent, HELLO_SCRIPT, env={**FAST, "KEEPER_TASK_TRUST_TIMEOUT": "0.5"})
+    assert result.exit_code == 77, result.stderr
+    assert {status for status, _ in _settings_requests(result)} == {403}
+    assert "not launched by the agent" in result.stderr
+    assert result.logs == []
+
+
+def test_malformed_settings_as_a_launched_task(agent: Emulator) -> None:
+    """Truncated settings JSON exits 69 (a bad answer from the agent); settings that parse
+    but hold an invalid broker.port exit 78 (bad settings)."""
+    agent.faults.malformed_settings(requests=10)
+    truncated = run_task(agent, HELLO_SCRIPT, env=FAST)
+    agent.faults.clear()
+    agent.faults.malformed_settings(
+        requests=10, body={"broker.host": "127.0.0.1", "broker.port": "not-a-port"}
+    )
+    invalid = run_task(agent, HELLO_SCRIPT, env=FAST)
+    assert truncated.exit_code == 69, truncated.stderr
+    assert "not valid JSON" in truncated.stderr
+    assert invalid.exit_code == 78, invalid.stderr
+    assert "broker.port" in invalid.stderr
+    assert _settings_requests(invalid)[0] == (200, "malformed 200")
 
 
 def test_registration_delay_gives_startup_403(tmp_path: Path) -> None:

@@ -237,14 +237,29 @@ class JobsClient:
             raw=body,
         )
 
-    def get(self, job_id: str) -> Job:
-        """``GET /api/Jobs/{id}``: one job definition.
+    def get_json(self, job_id: str) -> Any:
+        """``GET /api/Jobs/{id}``: the job definition exactly as the agent sent it.
+
+        Use this to show or save what the agent holds even when it does not fit
+        :class:`~keeper_task.jobs.Job` (the agent's serializer may, for example, write enum
+        values such as ``executionType`` as numbers).
 
         Raises:
             JobNotFoundError: The agent knows no such job.
         """
+        return self._json(
+            "GET", f"/api/Jobs/{path_segment(job_id)}", job_id=job_id, what=f"job {job_id!r}"
+        )
+
+    def get(self, job_id: str) -> Job:
+        """``GET /api/Jobs/{id}``: one job definition, as a :class:`~keeper_task.jobs.Job`.
+
+        Raises:
+            JobNotFoundError: The agent knows no such job.
+            AgentResponseError: The answer is not a job the model can hold.
+        """
         what = f"job {job_id!r}"
-        body = self._json("GET", f"/api/Jobs/{path_segment(job_id)}", job_id=job_id, what=what)
+        body = self.get_json(job_id)
         try:
             return job_from_data(body, source=f"the agent's answer for {what}")
         except JobDefinitionError as exc:
@@ -360,6 +375,18 @@ class JobsClient:
                 status_code=exc.status_code,
                 url=exc.url,
             ) from exc
+        except NotTrustedError as exc:
+            if self.has_client_cert or exc.status_code != 403:
+                raise
+            # An agent that only *requests* client certificates (as the emulator does) lets
+            # the handshake through and refuses on the Admin tier: say what is missing.
+            raise NotTrustedError(
+                f"the agent refused {what} with 403 (TLS worked): the Admin tier needs a client "
+                f"certificate and none was given; pass --cert/--key (or "
+                f"{ENV_VARS['client_cert']}/{ENV_VARS['client_key']})",
+                status_code=exc.status_code,
+                url=exc.url,
+            ) from exc
         except AgentUnreachableError as exc:
             refused = self._certificate_refusal(exc)
             if refused is None:
@@ -372,7 +399,8 @@ class JobsClient:
     def _certificate_refusal(self, exc: AgentUnreachableError) -> str | None:
         """Explain a TLS-level refusal of our client certificate, or None if it is not one."""
         cause = exc.__cause__
-        if not isinstance(cause, (httpx.ReadError, httpx.ConnectError, httpx.WriteError)):
+        dropped = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+        if not isinstance(cause, (httpx.ConnectError, *dropped)):
             return None
         text = _chain_text(cause).lower()
         cert_alert = any(s in text for s in _CERT_REQUIRED + _CERT_REFUSED)
@@ -384,12 +412,23 @@ class JobsClient:
                 f"and none was given; pass --cert/--key (or {ENV_VARS['client_cert']}/"
                 f"{ENV_VARS['client_key']}) with the certificate your Keeper deployment team issued"
             )
+        label = f" {self._cert_label}" if self._cert_label else ""
         if cert_alert:
-            label = f" {self._cert_label}" if self._cert_label else ""
             return (
                 f"the agent at {self.base_url} rejected the client certificate{label} during the "
                 "TLS handshake; use the admin certificate issued for this agent "
                 "(issued by a CA the agent trusts, not expired)"
+            )
+        if isinstance(cause, dropped):
+            # Some TLS 1.3 servers (asyncio-based ones among them) drop the connection after a
+            # failed client-certificate check without a readable alert: the client only sees
+            # the server hang up before answering. Over TLS to the Admin tier, with a
+            # certificate presented, that is the certificate being refused.
+            return (
+                f"the agent at {self.base_url} hung up without answering right after the TLS "
+                f"handshake: it most likely rejected the client certificate{label}; use the "
+                "admin certificate issued for this agent (issued by a CA the agent trusts, "
+                "not expired)"
             )
         return None
 

@@ -8,24 +8,31 @@ publishes and output one line each, prints a summary and exits with the task's e
 none exists, a ``task.py`` next to the job file is run with the current Python (an emulator
 convention for tasks not built yet). ``--task CMD`` replaces the executable outright.
 
+Before anything starts, ``dev run`` checks the job file and that the task can be started
+(each problem is one ``keeper-task: error:`` line). Ctrl-C or SIGTERM while the task runs
+kills its whole process tree, prints the summary and exits with 128+N (130, 143).
+
 ``keeper-task dev agent`` serves the emulator until Ctrl-C or SIGTERM and prints what a
-deployment script needs: base URL, CA bundle, admin certificate and key, a curl line.
+deployment script needs: base URL, CA bundle, admin certificate and key, a curl line; runs
+started over the API (``trigger``, ``run``) get a ``[run]`` line when they start and end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
 from keeper_task.errors import EmulatorError, JobDefinitionError, UsageError
+from keeper_task.exit_codes import signal_exit_code
 
 __all__ = ["register"]
 
@@ -144,24 +151,35 @@ class _Printer:
     """Prints emulator events, one line each (thread-safe: events come from the loop)."""
 
     def __init__(
-        self, out: TextIO, err: TextIO, *, verbose: bool, keeper_logger: bool = True
+        self,
+        out: TextIO,
+        err: TextIO,
+        *,
+        verbose: bool,
+        keeper_logger: bool = True,
+        runs: bool = False,
     ) -> None:
         self.out = out
         self.err = err
         self.verbose = verbose
+        # dev agent: runs started over the API get a start and an end line (dev run prints
+        # a summary instead).
+        self.runs = runs
         # A keeper-task task logs every event twice: as a JSON line on stderr and on
         # KeeperLogger. When the job may publish to KeeperLogger, a stderr event is held back
         # until its KeeperLogger copy arrives (then shown once, as [KeeperLogger]); events
         # that never arrive (startup failures, denied publishes) are shown by flush().
         self.keeper_logger = keeper_logger
-        self._pending: dict[tuple[str, str], str] = {}
-        self._delivered: set[tuple[str, str]] = set()
+        # Keyed by the whole log document: two events of one millisecond with the same
+        # message name (a loop logging items) must not be mistaken for each other.
+        self._pending: dict[str, list[str]] = {}
+        self._delivered: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def flush(self) -> None:
         """Show stderr events whose KeeperLogger copy never arrived."""
         with self._lock:
-            pending = list(self._pending.values())
+            pending = [text for texts in self._pending.values() for text in texts]
             self._pending.clear()
         for text in pending:
             self._line(self.out, f"[stderr] {text}")
@@ -176,18 +194,27 @@ class _Printer:
             KEEPER_LOGGER_TOPIC,
             BrokerMessage,
             DeniedOperation,
+            JobRun,
             Notice,
             OutputLine,
             RequestRecord,
         )
 
-        if isinstance(event, BrokerMessage):
+        if isinstance(event, JobRun):
+            if self.runs:
+                self._line(self.out, _run_line(event))
+        elif isinstance(event, BrokerMessage):
             if event.topic == KEEPER_LOGGER_TOPIC:
                 key = _event_key(event.payload)
                 if key is not None:
                     with self._lock:
-                        if self._pending.pop(key, None) is None:
-                            self._delivered.add(key)
+                        waiting = self._pending.get(key)
+                        if waiting:
+                            waiting.pop(0)
+                            if not waiting:
+                                del self._pending[key]
+                        else:
+                            self._delivered[key] += 1
                 self._line(self.out, f"[KeeperLogger] {format_log(event.payload)}")
             else:
                 self._line(self.out, f"[mqtt {event.topic}] {_snippet(event.text)}")
@@ -199,10 +226,10 @@ class _Printer:
                 text = format_log(text.encode())
                 if key is not None and self.keeper_logger and event.stream == "stderr":
                     with self._lock:
-                        if key in self._delivered:
-                            self._delivered.discard(key)
+                        if self._delivered[key] > 0:
+                            self._delivered[key] -= 1
                         else:
-                            self._pending[key] = text
+                            self._pending.setdefault(key, []).append(text)
                     return
             self._line(self.out, f"[{event.stream}] {text}")
         elif isinstance(event, DeniedOperation):
@@ -215,15 +242,24 @@ class _Printer:
             self._line(self.out, f"[api] {event.method} {event.path} {event.status}{who}{fault}")
 
 
-def _event_key(payload: bytes) -> tuple[str, str] | None:
-    """(timestamp, message) of a keeper-task log document, to pair its two copies."""
+def _run_line(run: Any) -> str:
+    """One line for a run starting or ending (``dev agent``)."""
+    head = f"[run] job {run.job_id} {run.run_id} ({run.trigger})"
+    if run.ended is None:
+        return f"{head}: started"
+    note = f" ({run.note})" if run.note else ""
+    return f"{head}: {run.status}, exit code {run.exit_code} in {run.duration:.2f} s{note}"
+
+
+def _event_key(payload: bytes) -> str | None:
+    """A keeper-task log document in canonical form, to pair its two copies."""
     try:
         body = json.loads(payload)
     except ValueError:
         return None
     if not isinstance(body, dict) or "timestamp" not in body or "message" not in body:
         return None
-    return str(body["timestamp"]), str(body["message"])
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
 def format_log(payload: bytes) -> str:
@@ -266,21 +302,45 @@ def _settings(items: list[str]) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so every path stops the emulator and its tasks."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Signals:
+    """SIGINT and SIGTERM stop ``dev`` cleanly.
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    The first signal raises ``KeyboardInterrupt`` in the main thread, so every path stops
+    the emulator, kills the task tree and removes the temporary state. Later signals are
+    only recorded: a second Ctrl-C must not abort that cleanup half-way and leave a task or
+    a temporary directory behind (the cleanup is bounded by the emulator's kill grace).
+    """
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._shielded = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if not self._shielded:
+                raise KeyboardInterrupt
+
+    def shield(self) -> None:
+        """From now on signals are only recorded (the cleanup has started)."""
+        self._shielded = True
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        """The signal's name (``SIGINT``), or an empty string."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
 def _load_context(text: str | None) -> dict[str, Any] | None:
@@ -306,11 +366,43 @@ def _load_context(text: str | None) -> dict[str, Any] | None:
 # --- dev run -------------------------------------------------------------------------------
 
 
+def _check_runnable(executable: str, command: str | None, *, from_task_option: bool) -> None:
+    """Fail with one line, before anything starts, when the task cannot be started."""
+    origin = "--task" if from_task_option else f"task binary for command {command!r}"
+    if os.sep in executable or (os.altsep is not None and os.altsep in executable):
+        path = Path(executable)
+        if not path.is_file():
+            raise EmulatorError(f"{origin}: {executable} does not exist")
+        if os.name != "nt" and not os.access(path, os.X_OK):
+            raise EmulatorError(
+                f"{origin}: {executable} is not executable; run `chmod +x {executable}` "
+                "(the agent's service account must be able to execute it)"
+            )
+    elif shutil.which(executable) is None:
+        raise EmulatorError(f"{origin}: {executable!r} is not a file and not found on PATH")
+
+
+def _require_dev_extra() -> None:
+    """Fail with one line when the ``[dev]`` extra (aiohttp, amqtt, psutil, trustme) is missing."""
+    try:
+        import keeper_task.emulator  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("keeper_task"):
+            raise
+        raise EmulatorError(
+            f"keeper-task dev needs the [dev] extra (module {exc.name!r} is missing): "
+            "pip install 'keeper-task[dev]'"
+        ) from exc
+
+
 def _run(args: argparse.Namespace) -> int:
+    _require_dev_extra()
     from keeper_task.emulator import Emulator, resolve_task_command
     from keeper_task.jobs import host_os, load_job, resolve_binary, validate_job
 
     job_path = Path(args.job)
+    if job_path.is_dir():
+        raise JobDefinitionError(f"{job_path} is a directory; give the job's JSON file")
     if not job_path.is_file():
         raise JobDefinitionError(f"job file {job_path} not found")
     job = load_job(job_path)
@@ -346,6 +438,7 @@ def _run(args: argparse.Namespace) -> int:
         command = resolve_task_command(
             task, agent_root=agent_root, override=override, fallback_script=fallback
         )
+        _check_runnable(command[0], task.command, from_task_option=override is not None)
         if override is None and resolve_binary(task, agent_root, search_path=True) is None:
             print(
                 f"keeper-task: no binary for command {task.command!r} yet; running "
@@ -370,11 +463,14 @@ def _run(args: argparse.Namespace) -> int:
         register_delay=args.register_delay,
         plugins_dir=args.plugins_dir,
     )
-    with _sigterm_as_interrupt(), emulator:
+    run: Any = None
+    interrupted = False
+    with _Signals() as signals:
         remove = emulator.on_event(printer)
         try:
+            emulator.start()
             emulator.add_job(job)
-            run = emulator.run_job(
+            run = emulator.start_run(
                 job.id,
                 trigger="dev",
                 context=context,
@@ -383,29 +479,58 @@ def _run(args: argparse.Namespace) -> int:
                 agent_root=agent_root,
                 timeout=args.timeout,
             )
+            run.done.wait()
+        except KeyboardInterrupt:
+            interrupted = True  # summarised below, once everything is stopped
         finally:
+            signals.shield()
+            # Kills a task still running (with its whole tree) and removes the temporary
+            # state; the task's last lines are still shown.
+            emulator.stop()
             remove()
             printer.flush()
+        # Still inside: a late second signal must not cut the summary short.
+        if interrupted and signals.signum is not None:
+            _summary(emulator, run, sys.stdout, interrupted=signals.name, job_id=job.id)
+            return signal_exit_code(signals.signum)
         _summary(emulator, run, sys.stdout)
-    return run.exit_code
+        return int(run.exit_code)
 
 
-def _summary(emulator: Any, run: Any, out: TextIO) -> None:
+def _summary(
+    emulator: Any, run: Any, out: TextIO, *, interrupted: str = "", job_id: str = ""
+) -> None:
     from keeper_task.emulator import KEEPER_LOGGER_TOPIC
 
     messages = emulator.messages
     logs = sum(1 for m in messages if m.topic == KEEPER_LOGGER_TOPIC)
     denied = emulator.denied
-    lines = [
-        f"--- job {run.job_id}: {run.status} in {run.duration:.2f} s, exit code {run.exit_code}"
-    ]
+    if run is None:
+        out.write(f"--- job {job_id}: interrupted by {interrupted} before it started\n")
+        out.flush()
+        return
+    if interrupted:
+        head = (
+            f"--- job {run.job_id}: interrupted by {interrupted} after {run.duration:.2f} s; "
+            f"task processes killed, exit code {signal_exit_code(signal.Signals[interrupted])}"
+        )
+    else:
+        head = (
+            f"--- job {run.job_id}: {run.status} in {run.duration:.2f} s, exit code {run.exit_code}"
+        )
+    lines = [head]
     for task in run.tasks:
         if task.error:
             lines.append(f"    task {task.task_id}: not started: {task.error}")
         else:
-            extra = " (killed at its timeout)" if task.timed_out else ""
+            extra = ""
+            if task.timed_out:
+                extra = " (killed at its timeout)"
+            elif task.stopped:
+                extra = " (killed: dev run was stopped)"
+            code = "-" if task.exit_code is None else task.exit_code
             lines.append(
-                f"    task {task.task_id}: exit {task.exit_code} in {task.duration:.2f} s "
+                f"    task {task.task_id}: exit {code} in {task.duration:.2f} s "
                 f"(pid {task.pid}){extra}"
             )
     lines.append(
@@ -424,10 +549,11 @@ def _summary(emulator: Any, run: Any, out: TextIO) -> None:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    _require_dev_extra()
     from keeper_task.emulator import Emulator
 
     # Many jobs may run here: every line is shown as it comes (no pairing of log copies).
-    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, keeper_logger=False)
+    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, keeper_logger=False, runs=True)
     emulator = Emulator(
         jobs_dir=args.jobs_dir,
         state_dir=args.state_dir,
@@ -438,10 +564,11 @@ def _agent(args: argparse.Namespace) -> int:
         plugins_dir=args.plugins_dir,
     )
     stop = threading.Event()
-    with _sigterm_as_interrupt():
+    # Listening from the start: job files skipped at load time are reported too.
+    emulator.on_event(printer)
+    with _Signals():
         try:
             with emulator:
-                emulator.on_event(printer)
                 broker = emulator.broker
                 assert broker is not None
                 scheme = "mqtts" if broker.tls else "mqtt"

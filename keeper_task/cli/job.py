@@ -5,8 +5,13 @@ Every agent call is Admin tier (mutual TLS). Credentials come from options or th
 ``KEEPER_ADMIN_KEY_PASSWORD`` (environment only: a password on the command line leaks into
 process listings and shell history), ``--ca-bundle``/``KEEPER_CA_BUNDLE``.
 
-Exit codes: 0 success; 1 a job is invalid (offline or per the agent); otherwise the code of
-the :mod:`keeper_task.errors` class that ended the command (printed as one line).
+Exit codes: 0 success; 1 the job is invalid, malformed or unreadable, or the agent refused
+the request with 400 (its ``errors`` are printed); otherwise the code of the
+:mod:`keeper_task.errors` class that ended the command: 64 usage, 68 unknown job id,
+69 agent unreachable or unexpected answer, 77 403 / client certificate refused,
+78 settings (certificate/key/CA files, URL, agent root). Errors are one line on stderr.
+
+``--json`` prints one JSON document on stdout, also on failure (see :data:`JSON_HELP`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from keeper_task.agent.jobs import DEFAULT_AGENT_URL, JobsClient
-from keeper_task.errors import JobDefinitionError, UsageError
+from keeper_task.errors import (
+    JobDefinitionError,
+    KeeperTaskError,
+    UsageError,
+    ValidationFailedError,
+)
 from keeper_task.jobs import (
     Job,
     ValidationReport,
@@ -41,6 +51,31 @@ EXIT_INVALID = 1
 
 Command = Callable[[argparse.Namespace], int]
 
+#: What ``--json`` prints, per sub-command (also shown by ``--help``).
+JSON_HELP = {
+    "validate": '{"valid": bool, "files": [{"file", "valid", "errors", "warnings", "jobId", '
+    '"agent": null | {"valid", "errors", "warnings", "jobId"}}]}',
+    "list": 'the agent\'s answer as sent: {"jobs": [...], "count", "message"}',
+    "get": "the job definition, exactly as the agent returned it",
+    "create": '{"ok": true, "jobId", "response": <the agent\'s answer or null>}',
+    "update": '{"ok": true, "jobId", "response": <the agent\'s answer or null>}',
+    "delete": '{"ok": true, "jobId", "response": <the agent\'s answer or null>}',
+    "trigger": '{"ok": true, "jobId", "response": <the agent\'s answer or null>}',
+    "run": '{"ok": true, "jobId", "response": <the agent\'s answer or null>}',
+    "reload": '{"ok": true, "jobId": null, "response": <the agent\'s answer or null>}',
+    "deploy": '{"ok": bool, "steps": [{"step": "binary" | "validate" | "agent validate" | '
+    '"create" | "trigger", ...}]}',
+}
+_JSON_ERROR = (
+    'On failure every sub-command prints {"ok": false, "error": "<message>", "exitCode": N} '
+    '(deploy adds "steps") on stdout, and the message on stderr.'
+)
+_EXIT_HELP = (
+    "exit codes: 0 success; 1 job invalid, malformed or unreadable, or refused by the agent "
+    "with 400; 64 usage; 68 unknown job id; 69 agent unreachable or unexpected answer; "
+    "77 403 or client certificate refused; 78 certificate/key/CA files, URL or agent root"
+)
+
 
 def register(subparsers: Any) -> None:
     """Add the ``job`` command and its sub-commands to the ``keeper-task`` parser."""
@@ -50,6 +85,7 @@ def register(subparsers: Any) -> None:
         description="Validate job JSON offline and manage jobs on the agent (Admin tier, "
         "mutual TLS). Agent options also read KEEPER_AGENT_URL, KEEPER_ADMIN_CERT, "
         "KEEPER_ADMIN_KEY, KEEPER_ADMIN_KEY_PASSWORD and KEEPER_CA_BUNDLE.",
+        epilog=f"{_EXIT_HELP}. {_JSON_ERROR}",
     )
     parser.set_defaults(func=_help_of(parser))
     sub = parser.add_subparsers(title="job commands", metavar="COMMAND", parser_class=type(parser))
@@ -75,10 +111,15 @@ def register(subparsers: Any) -> None:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    def add(name: str, func: Command, help_text: str, *, agent_options: bool = True) -> Any:
-        parents = [agent, output] if agent_options else [output]
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=parents)
-        p.set_defaults(func=func)
+    def add(name: str, func: Command, help_text: str) -> Any:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[agent, output],
+            epilog=f"--json prints {JSON_HELP[name]}. {_JSON_ERROR} {_EXIT_HELP}.",
+        )
+        p.set_defaults(func=_guarded(func))
         return p
 
     p = add(
@@ -144,14 +185,15 @@ def register(subparsers: Any) -> None:
         help="which task command the binary is for, when the job has several",
     )
     p.add_argument("--trigger", action="store_true", help="trigger the job once registered")
-    _add_context(p)
+    _add_context(p, implies_trigger=True)
 
 
-def _add_context(parser: argparse.ArgumentParser) -> None:
+def _add_context(parser: argparse.ArgumentParser, *, implies_trigger: bool = False) -> None:
     parser.add_argument(
         "--context",
         metavar="JSON|@FILE",
-        help="event context: a JSON object, or @file holding one (default {})",
+        help="event context: a JSON object, or @file holding one (default {})"
+        + ("; implies --trigger" if implies_trigger else ""),
     )
 
 
@@ -164,6 +206,41 @@ def _help_of(parser: argparse.ArgumentParser) -> Command:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+class _Failed(Exception):
+    """Carries a command's error together with what ``--json`` should report beside it."""
+
+    def __init__(self, error: KeeperTaskError, **fields: Any) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.fields = fields
+
+
+def _exit_code(error: KeeperTaskError) -> int:
+    # A job the agent refused (400) or that cannot be read is "the job is invalid", like an
+    # offline validation error; AgentError's default (69, unreachable) would mislead.
+    if isinstance(error, (ValidationFailedError, JobDefinitionError)):
+        return EXIT_INVALID
+    return int(error.exit_code)
+
+
+def _guarded(func: Command) -> Command:
+    """Run ``func``; print its error as one line (and as JSON with ``--json``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (KeeperTaskError, _Failed) as exc:
+            error = exc.error if isinstance(exc, _Failed) else exc
+            fields = exc.fields if isinstance(exc, _Failed) else {}
+            code = _exit_code(error)
+            if getattr(args, "json", False):
+                _print_json({"ok": False, "error": str(error), "exitCode": code, **fields})
+            print(f"keeper-task: error: {error}", file=sys.stderr)
+            return code
+
+    return run
 
 
 def _client(args: argparse.Namespace) -> JobsClient:
@@ -316,16 +393,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.get(args.job_id)
-    print(job.to_json(indent=2))
+        # As sent, not through the model: `get` must show whatever the agent holds.
+        body = client.get_json(args.job_id)
+    _print_json(body)
     return 0
 
 
 def _done(args: argparse.Namespace, message: str, job_id: str | None, response: Any) -> int:
     if args.json:
         _print_json({"ok": True, "jobId": job_id, "response": response})
-    else:
-        print(message)
+        return 0
+    print(message + _said(response))
+    # The agent may list problems beside a success (reload names the files it skipped).
+    problems = response.get("errors") if isinstance(response, Mapping) else None
+    for problem in problems if isinstance(problems, list) else []:
+        print(f"agent: warning: {problem}")
     return 0
 
 
@@ -333,7 +415,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     job = load_job(args.file)
     with _client(args) as client:
         response = client.create(job)
-    return _done(args, f"job {job.id!r} created (or updated if it existed)", job.id, response)
+    return _done(args, f"job {job.id!r} created or updated", job.id, response)
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
@@ -397,6 +479,14 @@ def _deploy_command(job: Job, wanted: str | None) -> str:
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
     steps: list[dict[str, Any]] = []
+    try:
+        return _deploy(args, steps)
+    except KeeperTaskError as exc:
+        raise _Failed(exc, steps=steps) from exc
+
+
+def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
+    """place -> validate -> create -> trigger; every step is idempotent."""
 
     def step(name: str, text: str, **fields: Any) -> None:
         steps.append({"step": name, **fields})
@@ -408,11 +498,22 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             _print_json({"ok": code == 0, "steps": steps})
         return code
 
+    def invalid(name: str, report: ValidationReport) -> int:
+        if not args.json:
+            for error in report.errors:
+                print(f"{name}: error: {error}")
+        step(name, "invalid; fix the errors above", **report.to_agent_json())
+        return finish(EXIT_INVALID)
+
     context = _parse_context(args.context)
     job = load_job(args.file)
-    command = _deploy_command(job, args.command_name)
     agent_root = _agent_root(args.agent_root, default=True)
     assert agent_root is not None  # default=True always gives a root
+    # The agent's rules first: an invalid job must not leave a binary behind.
+    rules = validate_job(job, file_name=args.file)
+    if not rules.valid:
+        return invalid("validate", rules)
+    command = _deploy_command(job, args.command_name)
     installed = install_binary(args.binary, agent_root, command)
     note = f" ({len(installed.stale)} older file(s) left in place)" if installed.stale else ""
     step(
@@ -424,33 +525,35 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     )
 
     offline = validate_job(job, file_name=args.file, agent_root=agent_root)
-    for warning in offline.warnings:
-        if not args.json:
-            print(f"validate: warning: {warning}")
     if not offline.valid:
-        for error in offline.errors:
-            if not args.json:
-                print(f"validate: error: {error}")
-        step("validate", "invalid; fix the errors above", **offline.to_agent_json())
-        return finish(EXIT_INVALID)
-    summary = f"valid offline ({len(offline.warnings)} warning(s))"
-    step("validate", summary, **offline.to_agent_json())
+        return invalid("validate", offline)
+    if not args.json:
+        for warning in offline.warnings:
+            print(f"validate: warning: {warning}")
+    step(
+        "validate", f"valid offline ({len(offline.warnings)} warning(s))", **offline.to_agent_json()
+    )
 
     with _client(args) as client:
         remote = client.validate(job)
         if not remote.valid:
-            for error in remote.errors:
-                if not args.json:
-                    print(f"agent validate: error: {error}")
-            step("agent validate", "invalid; fix the errors above", **remote.to_agent_json())
-            return finish(EXIT_INVALID)
-        for warning in remote.warnings:
-            if not args.json:
+            return invalid("agent validate", remote)
+        if not args.json:
+            for warning in remote.warnings:
                 print(f"agent validate: warning: {warning}")
         step("agent validate", "valid", **remote.to_agent_json())
         response = client.create(job)
-        step("create", f"job {job.id!r} registered", response=response)
+        step("create", f"job {job.id!r} registered{_said(response)}", response=response)
         if args.trigger or context is not None:
             response = client.trigger(str(job.id), context)
-            step("trigger", f"job {job.id!r} triggered", response=response)
+            step("trigger", f"job {job.id!r} triggered{_said(response)}", response=response)
     return finish(0)
+
+
+def _said(response: Any) -> str:
+    """The agent's ``message``, if its answer has one, as `` (message)``."""
+    if isinstance(response, Mapping):
+        message = response.get("message")
+        if isinstance(message, str) and message.strip():
+            return f" ({message.strip()})"
+    return ""

@@ -81,18 +81,21 @@ def _run(args: argparse.Namespace) -> int:
     written = scaffold.create_project(spec, target, force=args.force)
     shown = os.path.relpath(target) if not args.dir or not os.path.isabs(args.dir) else target
     out = sys.stdout
-    print(f"created {spec.job_id} in {shown} ({len(written)} files)", file=out)
+    print(f"created project {spec.job_id} in {shown}{os.sep} ({len(written)} files)", file=out)
     print(f"  task:     src/{spec.module}/task.py ({spec.class_name})", file=out)
     for os_name in spec.oses:
         print(f"  job:      {scaffold.job_file_name(spec, os_name)}", file=out)
     print(f"  command:  {spec.command}", file=out)
     first = scaffold.template_values(spec)["first_os"]
-    print("next:", file=out)
-    print(f"  cd {shown} && pip install -e '.[test]' && python -m pytest", file=out)
+    job = scaffold.job_file_name(spec, first)
+    print("next (see its README.md):", file=out)
+    print(f"  cd {shown}", file=out)
+    print("  pip install -e '.[test]'         # the task, the emulator and pytest", file=out)
+    print("  python -m pytest                 # its tests pass as generated", file=out)
+    print(f"  keeper-task dev run {job}", file=out)
     print(
-        f"  keeper-task dev run {scaffold.job_file_name(spec, first)} "
-        f'--task "python -m {spec.module}"',
+        f"  keeper-task build                # dist/Jobs/bin/{spec.command}/ and a deploy bundle",
         file=out,
     )
-    print("  keeper-task build .", file=out)
+    print(f"  keeper-task dev run {job} --agent-root dist   # the built binary", file=out)
     return 0

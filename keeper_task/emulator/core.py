@@ -264,6 +264,12 @@ class Emulator:
         if self._broker_kind == "embedded":
             return EmbeddedBroker(state, policy, port=self._broker_port_arg)
         if self._broker_kind == "mosquitto":
+            self.recorder.add(
+                Notice(
+                    "mosquitto broker: client ids and topic permissions are NOT enforced "
+                    "(use the embedded broker to check them); every publish is recorded"
+                )
+            )
             return MosquittoBroker(state, policy, port=self._broker_port_arg)
         assert self._ext_host is not None and self._ext_port is not None
         self.recorder.add(

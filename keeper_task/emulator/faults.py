@@ -5,7 +5,8 @@ fault's ``path`` (default ``/api/PluginSettings``); each is consumed request by 
 
 * :meth:`Faults.forbid`: 403, as during the agent's startup registration window;
 * :meth:`Faults.fail`: a 5xx status;
-* :meth:`Faults.malformed_settings`: 200 with a truncated JSON body.
+* :meth:`Faults.malformed_settings`: 200 with a truncated JSON body, or with a body of your
+  choice (settings that parse but are wrong, e.g. ``{"broker.port": "not-a-port"}``).
 
 Each lasts for ``requests`` requests or ``seconds`` seconds (from the call), whichever ends
 first. Broker faults are methods of the emulator (``stop_broker``, ``start_broker``,
@@ -15,13 +16,19 @@ first. Broker faults are methods of the emulator (``stop_broker``, ``start_broke
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 __all__ = ["Faults", "ScriptedFault"]
+
+# The default "malformed settings" answer: JSON cut off mid-object.
+_TRUNCATED = b'{"broker.host": "127.0.0.1", "broker.port": '
 
 
 @dataclass
@@ -33,6 +40,7 @@ class ScriptedFault:
     status: int
     remaining: int | None
     until: float | None
+    body: bytes | None = None
 
     def active(self, now: float) -> bool:
         """Whether the fault still applies."""
@@ -49,7 +57,7 @@ class ScriptedFault:
         if self.kind == "malformed":
             return web.Response(
                 status=200,
-                body=b'{"broker.host": "127.0.0.1", "broker.port": ',
+                body=self.body or _TRUNCATED,
                 content_type="application/json",
             )
         if self.kind == "forbid":
@@ -74,8 +82,14 @@ class Faults:
         self._faults: list[ScriptedFault] = []
         self.broker_restart_after: int | None = None
 
-    def _add(
-        self, kind: str, status: int, requests: int | None, seconds: float | None, path: str
+    def _add(  # noqa: PLR0917 - one private constructor for every fault kind
+        self,
+        kind: str,
+        status: int,
+        requests: int | None,
+        seconds: float | None,
+        path: str,
+        body: bytes | None = None,
     ) -> ScriptedFault:
         if requests is None and seconds is None:
             requests = 1
@@ -85,6 +99,7 @@ class Faults:
             status,
             requests,
             time.monotonic() + seconds if seconds is not None else None,
+            body,
         )
         with self._lock:
             self._faults.append(fault)
@@ -117,9 +132,26 @@ class Faults:
         requests: int | None = None,
         seconds: float | None = None,
         path: str = "/api/PluginSettings",
+        body: bytes | str | Mapping[str, Any] | None = None,
     ) -> ScriptedFault:
-        """Answer 200 with truncated JSON for the next ``requests`` requests or ``seconds``."""
-        return self._add("malformed", 200, requests, seconds, path)
+        """Answer 200 with bad settings for the next ``requests`` requests or ``seconds``.
+
+        Args:
+            requests: How many requests get the bad answer.
+            seconds: For how long (from now).
+            path: Requests whose path starts with this (any letter case).
+            body: The answer's JSON body (a mapping, text or bytes); default: truncated JSON.
+        """
+        data: bytes | None
+        if body is None:
+            data = None
+        elif isinstance(body, Mapping):
+            data = json.dumps(dict(body)).encode()
+        elif isinstance(body, str):
+            data = body.encode()
+        else:
+            data = bytes(body)
+        return self._add("malformed", 200, requests, seconds, path, data)
 
     def restart_broker_after(self, messages: int = 1) -> None:
         """Restart the broker once ``messages`` more publishes have been accepted."""

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +89,7 @@ class TaskRun:
         exit_code: The exit code; 124 after a timeout, 127 when it could not start,
             128+N when killed by signal N.
         timed_out: Killed at ``timeoutSeconds``.
+        stopped: Killed because the emulator stopped while it ran (Ctrl-C, SIGTERM).
         error: Why it could not start.
         duration: Seconds from start to exit.
     """
@@ -99,6 +100,7 @@ class TaskRun:
     pid: int | None = None
     exit_code: int | None = None
     timed_out: bool = False
+    stopped: bool = False
     error: str | None = None
     started: float = 0.0
     duration: float = 0.0
@@ -107,8 +109,10 @@ class TaskRun:
 
     @property
     def ok(self) -> bool:
-        """Exited 0 in time."""
-        return self.exit_code == 0 and not self.timed_out and self.error is None
+        """Exited 0 in time, on its own."""
+        return (
+            self.exit_code == 0 and not self.timed_out and not self.stopped and self.error is None
+        )
 
     @property
     def stdout(self) -> str:
@@ -130,7 +134,8 @@ class JobRun:
         job_id: The job.
         trigger: ``"run"``, ``"trigger"`` or ``"dev"``.
         context: The trigger's event context (recorded only, see the module docstring).
-        status: ``running``, ``succeeded``, ``failed``, ``timed_out`` or ``skipped``.
+        status: ``running``, ``succeeded``, ``failed``, ``timed_out``, ``skipped`` or
+            ``stopped`` (the emulator stopped while it ran: its task tree was killed).
         tasks: One :class:`TaskRun` per task started.
     """
 
@@ -173,6 +178,7 @@ class JobRun:
                     "pid": t.pid,
                     "exitCode": t.exit_code,
                     "timedOut": t.timed_out,
+                    "stopped": t.stopped,
                     "error": t.error,
                     "durationSeconds": round(t.duration, 3),
                 }
@@ -284,6 +290,7 @@ class Launcher:
         self.kill_grace = kill_grace
         self.extra_env = dict(extra_env or {})
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
 
     def environment(self, job: Job, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment a task of ``job`` starts with (see the module docstring)."""
@@ -321,16 +328,19 @@ class Launcher:
                     timeout=timeout,
                     env=env,
                 )
-                if not task_run.ok and not task.continue_on_failure:
+                if self._stopping or (not task_run.ok and not task.continue_on_failure):
                     break
             failed = [t for t in run.tasks if not t.ok]
-            if any(t.timed_out for t in failed):
+            if any(t.stopped for t in failed):
+                run.status = "stopped"
+                run.note = "the emulator stopped while the job ran"
+            elif any(t.timed_out for t in failed):
                 run.status = "timed_out"
             else:
                 run.status = "failed" if failed else "succeeded"
         except asyncio.CancelledError:
-            run.status = "failed"
-            run.note = "cancelled: the emulator stopped"
+            run.status = "stopped"
+            run.note = "the emulator stopped while the job ran"
             raise
         finally:
             run.ended = time.time()
@@ -418,13 +428,21 @@ class Launcher:
                 await self.kill_tree(pid)
                 await _exited(proc)
             task_run.duration = time.monotonic() - started
+            if self._stopping:
+                task_run.stopped = True
             # Processes left in the task's session would hold its pipes open for ever.
             await self._reap_leftovers(pid, job, task_id)
             # Output still buffered in the pipes is read to the end.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*readers), timeout=5)
         except asyncio.CancelledError:
+            # The emulator is stopping (Ctrl-C, SIGTERM, stop()): the task tree goes with it.
+            task_run.stopped = True
             await self.kill_tree(pid)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_exited(proc), timeout=5)
+            if proc.returncode is not None:
+                task_run.exit_code = _exit_code(proc.returncode)
             raise
         finally:
             for reader in readers:
@@ -456,7 +474,12 @@ class Launcher:
 
     async def kill_tree(self, pid: int) -> None:
         """Terminate ``pid`` and its descendants, then kill what is left after the grace."""
-        await asyncio.to_thread(_kill_tree, pid, self.kill_grace)
+        proc = self._procs.get(pid)
+
+        def exited() -> bool:
+            return proc is None or proc.returncode is not None
+
+        await asyncio.to_thread(_kill_tree, pid, self.kill_grace, exited)
 
     async def _reap_leftovers(self, pid: int, job: Job, task_id: str) -> None:
         """Kill processes the task left running in its session (POSIX)."""
@@ -466,37 +489,79 @@ class Launcher:
             os.killpg(pid, 0)
         except (ProcessLookupError, PermissionError):
             return
-        self.recorder.add(
-            Notice(
-                f"job {job.id!r} task {task_id!r} left processes running after it exited; "
-                "the emulator killed them (a job task must not leave daemons behind)"
+        if not self._stopping:  # when stopping, the tree is being killed on purpose
+            self.recorder.add(
+                Notice(
+                    f"job {job.id!r} task {task_id!r} left processes running after it exited; "
+                    "the emulator killed them (a job task must not leave daemons behind)"
+                )
             )
-        )
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
 
     async def stop_all(self) -> None:
-        """Kill every running task (the emulator is stopping)."""
+        """Kill every running task and start no more (the emulator is stopping)."""
+        self._stopping = True
         for pid in list(self._procs):
             await self.kill_tree(pid)
 
 
-def _kill_tree(pid: int, grace: float) -> None:
+def _kill_tree(pid: int, grace: float, root_exited: Callable[[], bool]) -> None:
+    """Terminate ``pid`` and its descendants; kill what is left after ``grace`` seconds.
+
+    ``pid`` is the emulator's own child and is never waited for here: psutil would reap it,
+    and asyncio's child watcher would then log "Unknown child process" and report exit code
+    255 instead of the signal. ``root_exited`` says when the watcher has seen it end.
+    """
     try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        root: psutil.Process | None = psutil.Process(pid)
+        children = root.children(recursive=True) if root is not None else []
     except psutil.NoSuchProcess:
-        procs = []
-    for proc in procs:
+        root, children = None, []
+    for proc in [*children, *([root] if root is not None else [])]:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _gone, alive = psutil.wait_procs(procs, timeout=grace) if procs else ([], [])
+    alive = _wait_gone(children, grace)
+    if root is not None and not _poll(root_exited, grace):
+        alive.append(root)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    if alive:
-        psutil.wait_procs(alive, timeout=5)
+    _wait_gone([proc for proc in alive if proc is not root], 5.0)
     if os.name != "nt":
         # Grandchildren that re-parented away from the tree are still in the task's session.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def _poll(done: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``done()`` every 10 ms for up to ``seconds``; return its last value."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _wait_gone(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    """Wait until the (non-child) processes ended; return those still alive.
+
+    A dead descendant stays a zombie until whoever inherited it reaps it (in a container,
+    an init that may reap late): a zombie counts as gone, as it can no longer do anything.
+    """
+
+    def gone(proc: psutil.Process) -> bool:
+        try:
+            return bool(proc.status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+
+    left = list(procs)
+
+    def all_gone() -> bool:
+        left[:] = [proc for proc in left if not gone(proc)]
+        return not left
+
+    _poll(all_gone, seconds)
+    return left

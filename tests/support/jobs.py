@@ -5,13 +5,19 @@
   their PEM files written to a directory.
 * :class:`FakeJobsAgent`: the nine ``/api/Jobs`` endpoints on a real mutual-TLS
   :class:`~tests.support.https.HttpsServer`, with an in-memory job store.
+* :class:`HangUpServer`: completes the TLS handshake, reads the request and hangs up without
+  a word, as an asyncio TLS server does after refusing a client certificate under TLS 1.3.
 * Hypothesis strategies: :func:`valid_jobs` builds jobs that pass every offline rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import socket
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +200,49 @@ class FakeJobsAgent:
     def _reload(self, _req: Request) -> Response:
         self.reloads += 1
         return Response(200, {"message": "Jobs reloaded"})
+
+
+class HangUpServer:
+    """A TLS server on 127.0.0.1 that answers every request by closing the connection.
+
+    It requests (does not require) a client certificate and sends no TLS alert: what a client
+    sees from an agent that drops a refused certificate silently. Use as a context manager.
+    """
+
+    def __init__(self, server_ca: trustme.CA) -> None:
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ca.issue_cert("127.0.0.1").configure_cert(self._ctx)
+        self._ctx.verify_mode = ssl.CERT_NONE
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"https://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.handled = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed by __exit__
+                return
+            try:
+                with self._ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)  # the request; then hang up without an answer
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+                self.handled.release()
+
+    def __enter__(self) -> HangUpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # shutdown() wakes the blocked accept() on Linux; close() alone would not.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=5)
 
 
 # -- hypothesis strategies -------------------------------------------------------------------

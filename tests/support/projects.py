@@ -90,3 +90,35 @@ def env_with_venv(venv: Path) -> dict[str, str]:
     for name in ("PYTHONPATH", "KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE"):
         env.pop(name, None)
     return env
+
+
+def fake_onedir_binary(binary_dir: Path, command: str, src: Path, module: str) -> Path:
+    """Stand in for a PyInstaller onedir build: ``binary_dir/<command>`` runs the source.
+
+    A shell script that runs ``python -m <module>`` from ``src`` with this interpreter, plus an
+    ``_internal/`` file as PyInstaller writes: enough for the deploy scripts and the emulator,
+    without the minute a real build takes (the slow test in test_build.py does one).
+    """
+    (binary_dir / "_internal").mkdir(parents=True, exist_ok=True)
+    (binary_dir / "_internal" / "base_library.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    exe = binary_dir / command
+    exe.write_text(
+        f"#!/bin/sh\nPYTHONPATH='{src}' exec '{sys.executable}' -m {module} \"$@\"\n",
+        encoding="utf-8",
+    )
+    exe.chmod(0o755)
+    return exe
+
+
+def deploy_env(*, with_keeper_task: bool) -> dict[str, str]:
+    """Environment for running a deploy script: keeper-task on PATH or not, no agent vars."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KEEPER_", "PYTHONPATH", "VIRTUAL_ENV"))
+    }
+    system = [p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir()]
+    if with_keeper_task:
+        system.insert(0, str(Path(sys.executable).parent))
+    env["PATH"] = os.pathsep.join(system)
+    return env
