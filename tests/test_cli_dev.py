@@ -268,6 +268,58 @@ def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
     assert psutil.Process().children(recursive=True) == []
 
 
+def test_dev_agent_shows_each_log_event_of_a_triggered_run_once(tmp_path: Path) -> None:
+    """A keeper-task binary triggered over the Admin API: each of its log events is printed
+    once (stderr and KeeperLogger copies paired), all before the run's end line."""
+    from keeper_task.agent.jobs import JobsClient
+    from keeper_task.tls import client_ssl_context
+
+    state = tmp_path / "state"
+    bin_dir = state / "Jobs" / "bin" / "hello"
+    bin_dir.mkdir(parents=True)
+    binary = bin_dir / "hello"
+    hello_src = (ROOT / "examples" / "hello" / "task.py").read_text()
+    binary.write_text(f"#!{sys.executable}\n{hello_src}")
+    binary.chmod(0o755)
+    (state / "Jobs" / "hello-task.json").write_text(HELLO.read_text())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keeper_task.cli", "dev", "agent", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        lines = _lines_of(proc)
+        base = _wait_line(lines, lambda ln: ln.startswith("keeper-task dev agent: serving"))
+        base = base.split()[-1]
+        tls = client_ssl_context(
+            host="127.0.0.1",
+            ca_bundle=state / "ca.pem",
+            client_cert=state / "admin.pem",
+            client_key=state / "admin-key.pem",
+        )
+        with JobsClient(base, ssl_context=tls) as jobs:
+            jobs.trigger("hello-task")
+        seen: list[str] = []
+        while True:
+            line = _wait_line(lines, lambda ln: True)
+            seen.append(line)
+            if line.startswith("[run] job hello-task") and "started" not in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+    assert "succeeded, exit code 0" in seen[-1]
+    hello = [ln for ln in seen if " hello " in f"{ln} "]
+    assert len(hello) == 1, seen
+    assert hello[0].startswith("[KeeperLogger] Information hello")
+    assert psutil.Process().children(recursive=True) == []
+
+
 HANGING_TASK = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -202,6 +202,8 @@ class _Printer:
 
         if isinstance(event, JobRun):
             if self.runs:
+                if event.ended is not None:
+                    self.flush()  # the run's unpaired stderr events, before its end line
                 self._line(self.out, _run_line(event))
         elif isinstance(event, BrokerMessage):
             if event.topic == KEEPER_LOGGER_TOPIC:
@@ -552,8 +554,8 @@ def _agent(args: argparse.Namespace) -> int:
     _require_dev_extra()
     from keeper_task.emulator import Emulator
 
-    # Many jobs may run here: every line is shown as it comes (no pairing of log copies).
-    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, keeper_logger=False, runs=True)
+    # Log copies are paired as in `dev run`; unpaired ones are shown when their run ends.
+    printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, runs=True)
     emulator = Emulator(
         jobs_dir=args.jobs_dir,
         state_dir=args.state_dir,
