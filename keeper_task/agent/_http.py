@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
+from keeper_task.agent._transport import StdlibTransport
 from keeper_task.errors import (
     AgentResponseError,
     AgentUnreachableError,
@@ -56,13 +57,15 @@ class AgentHttp:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.tier = tier
-        if ssl_context is None and transport is None:
-            ssl_context = client_ssl_context(host=httpx.URL(self.base_url).host)
-        # verify= takes our own SSLContext: it never loads certifi (60-90 ms) and it is the
-        # only way the client certificate survives in httpx 0.28 (cert= with a path drops it).
+        if transport is None:
+            if ssl_context is None:
+                ssl_context = client_ssl_context(host=httpx.URL(self.base_url).host)
+            # Our own SSLContext (never certifi: 60-90 ms; it also carries the client
+            # certificate, which httpx 0.28 drops when given as cert=) on a stdlib
+            # http.client transport (httpcore's import costs ~15 ms of every cold start).
+            transport = StdlibTransport(ssl_context=ssl_context)
         self._client = httpx.Client(
             base_url=self.base_url,
-            verify=ssl_context if ssl_context is not None else True,
             timeout=timeout,
             transport=transport,
             headers={"Accept": "application/json", **(headers or {})},
