@@ -259,83 +259,114 @@ def _format_exc(exc_info: Any) -> str | None:
     return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
 
 
-class _StderrWriter:
-    """Writes log lines to a stream, coalescing bursts when the stream is not a terminal.
+class _Batcher:
+    """Collects items and hands them to ``sink`` together, from a flusher thread.
 
-    Under the agent stderr is a pipe, and one write per event costs more than the event
-    itself: each write releases the GIL and hands it to paho's network thread. Lines are
-    therefore collected and written together by a flusher thread within ``interval``
-    seconds, at once for warning and above, and on :meth:`flush` (called on detach and at
-    interpreter exit). Only a hard kill can lose the lines of the last ``interval``; they
-    were also sent to KeeperLogger. On a terminal every line is written at once.
+    Used for two hot spots of a log burst, both of which release the GIL per call and so
+    hand it to paho's network thread once per event: stderr writes to a pipe, and MQTT
+    publishes. Items reach the sink within ``interval`` seconds, at once when ``urgent``
+    (warning and above) or when ``limit`` are waiting, and on :meth:`flush` (detach, exit).
+    Order is kept. Only a hard kill can lose the last ``interval`` of items.
     """
 
-    def __init__(self, stream: TextIO, *, coalesce: bool, interval: float = 0.05) -> None:
-        self._stream = stream
-        self._coalesce = coalesce
+    def __init__(
+        self,
+        sink: Callable[[list[Any]], None],
+        *,
+        name: str,
+        interval: float = 0.05,
+        limit: int = 512,
+    ) -> None:
+        self._sink = sink
+        self._name = name
         self._interval = interval
-        self._pending: list[str] = []
+        self._limit = limit
+        self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        # Re-entrant: a sink may log (and so flush) from inside a flush on the same thread.
+        self._sink_lock = threading.RLock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        if coalesce:
-            atexit.register(self.flush)
+        self._open = True
+        atexit.register(self.flush)
 
-    def write(self, line: str, *, urgent: bool = False) -> None:
-        if not self._coalesce:
-            self._write_now(line + "\n")
-            return
+    def add(self, item: Any, *, urgent: bool = False) -> None:
         with self._pending_lock:
-            self._pending.append(line)
-            first = len(self._pending) == 1
-            many = len(self._pending) >= 512
-        if urgent or many:
+            self._pending.append(item)
+            size = len(self._pending)
+        if urgent or size >= self._limit or not self._open:
             self.flush()
-        elif first:
+        elif size == 1:
             if self._thread is None:
-                self._start()
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
             self._wake.set()
 
     def flush(self) -> None:
-        """Write every pending line now, in order."""
-        with self._write_lock:
+        """Hand every pending item to the sink now, in order."""
+        with self._sink_lock:
             with self._pending_lock:
-                lines, self._pending = self._pending, []
-            if lines:
-                self._write_now("\n".join(lines) + "\n", locked=True)
+                items, self._pending = self._pending, []
+            if items:
+                self._sink(items)
 
     def close(self) -> None:
-        """Flush and stop the flusher thread."""
+        """Flush and stop the flusher thread; later items are handed over at once."""
         self.flush()
-        if self._coalesce:
+        if self._open:
+            self._open = False
             atexit.unregister(self.flush)
-            self._coalesce = False
             self._wake.set()
-
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="keeper-task-stderr", daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            if not self._coalesce:
+            if not self._open:
                 return
             # Let the burst accumulate: a bounded delay, not a synchronisation.
             time.sleep(self._interval)
             self._wake.clear()
             self.flush()
 
-    def _write_now(self, text: str, *, locked: bool = False) -> None:
+
+class _StderrWriter:
+    """Writes log lines to a stream; bursts are coalesced on a pipe or file.
+
+    Under the agent stderr is a pipe, and one write per event costs more than the event
+    itself. On a terminal, or an in-memory stream, every line is written at once.
+    """
+
+    def __init__(self, stream: TextIO, *, coalesce: bool) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._batch = _Batcher(self._write_lines, name="keeper-task-stderr") if coalesce else None
+
+    def write(self, line: str, *, urgent: bool = False) -> None:
+        if self._batch is not None:
+            self._batch.add(line, urgent=urgent)
+        else:
+            self._write_now(line + "\n")
+
+    def flush(self) -> None:
+        """Write every pending line now."""
+        if self._batch is not None:
+            self._batch.flush()
+
+    def close(self) -> None:
+        """Flush and stop the flusher thread."""
+        if self._batch is not None:
+            self._batch.close()
+
+    def _write_lines(self, lines: list[str]) -> None:
+        self._write_now("\n".join(lines) + "\n", flush=True)
+
+    def _write_now(self, text: str, *, flush: bool = False) -> None:
         # try/except is free on the hot path, contextlib.suppress is not.
         try:
-            if locked:
+            with self._lock:
                 self._stream.write(text)
-                self._stream.flush()
-            else:
-                with self._write_lock:
-                    self._stream.write(text)
+                if flush:
+                    self._stream.flush()
         except (OSError, ValueError):
             pass  # stderr closed or a broken pipe: logging must never end the task.
 
@@ -384,6 +415,7 @@ class LogPipeline:
         self._buffer: deque[LogRecord] = deque()
         self._buffer_limit = buffer
         self._publish: Callable[[bytes], None] | None = None
+        self._mqtt_batch: _Batcher | None = None
         self._sink = _Sink(self._emit)
         self._cls = cast(
             "type[KeeperBoundLogger]",
@@ -397,10 +429,22 @@ class LogPipeline:
         """Return a bound logger whose events carry ``source=name`` and ``initial`` fields."""
         return self._cls(self._sink, self.processors, {"logger": name, **initial})
 
-    def attach(self, publish: Callable[[bytes], None]) -> None:
-        """Also send every event to ``publish``; buffered events go first, in order."""
+    def attach(self, publish: Callable[[bytes], None], *, batch: bool = False) -> None:
+        """Also send every event to ``publish``; buffered events go first, in order.
+
+        Args:
+            publish: Called with each serialized event.
+            batch: Hand events over in bursts from a flusher thread (within 50 ms; at once
+                for warning and above, on :meth:`flush` and on :meth:`detach`). The task
+                runtime sets it: one MQTT publish per event as it is logged costs a thread
+                switch to paho's network thread each time.
+        """
         with self._lock:
             self._publish = publish
+            if batch and self._mqtt_batch is None:
+                self._mqtt_batch = _Batcher(
+                    self._publish_many, name="keeper-task-keeperlogger", limit=256
+                )
             self._emitting = True
             try:
                 while self._buffer:
@@ -417,7 +461,10 @@ class LogPipeline:
 
     def detach(self) -> None:
         """Stop publishing (and stop buffering); stderr output continues."""
+        if self._mqtt_batch is not None:
+            self._mqtt_batch.close()  # hands over what is pending, then stops its thread
         with self._lock:
+            self._mqtt_batch = None
             self._state = "detached"
             self._publish = None
             self._buffer.clear()
@@ -430,13 +477,19 @@ class LogPipeline:
         self.flush()
 
     def flush(self) -> None:
-        """Write pending stderr lines and flush the stream."""
+        """Publish pending events, write pending stderr lines and flush the stream."""
+        batch = self._mqtt_batch
+        if batch is not None:
+            batch.flush()
         self._out.flush()
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
 
     def close(self) -> None:
-        """Flush stderr and stop the background flusher (the pipeline stays usable)."""
+        """Flush and stop the background flushers (the pipeline stays usable)."""
+        batch = self._mqtt_batch
+        if batch is not None:
+            batch.close()
         self._out.close()
 
     @property
@@ -477,7 +530,7 @@ class LogPipeline:
             if state == "attached":
                 self._emitting = True
                 try:
-                    self._send(self._serialize(record, text))
+                    self._send(self._serialize(record, text), urgent=urgent)
                 finally:
                     self._emitting = False
             elif state == "pending":
@@ -495,8 +548,12 @@ class LogPipeline:
             self._failed(exc)
             return None
 
-    def _send(self, payload: bytes | None) -> None:
+    def _send(self, payload: bytes | None, *, urgent: bool = False) -> None:
         if payload is None or self._publish is None:
+            return
+        batch = self._mqtt_batch
+        if batch is not None:
+            batch.add(payload, urgent=urgent)
             return
         try:
             self._publish(payload)
@@ -504,6 +561,19 @@ class LogPipeline:
             self._failed(exc)
         else:
             self.published += 1
+
+    def _publish_many(self, payloads: list[bytes]) -> None:
+        publish = self._publish
+        for payload in payloads:
+            if publish is None:
+                self._failed(RuntimeError("the pipeline was detached before this was sent"))
+                continue
+            try:
+                publish(payload)
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self.published += 1
 
     def _failed(self, exc: Exception) -> None:
         self.publish_failures += 1

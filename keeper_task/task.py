@@ -295,7 +295,9 @@ class _Run:
         self.mqtt.connect()
         mqtt = self.mqtt
         assert self.pipeline is not None
-        self.pipeline.attach(lambda data: mqtt.publish(KEEPER_LOGGER_TOPIC, data, qos=1))
+        self.pipeline.attach(
+            lambda data: mqtt.publish(KEEPER_LOGGER_TOPIC, data, qos=1), batch=True
+        )
         return mqtt, None
 
     def _allowed_publications(self, job_id: str) -> list[str] | None:

@@ -353,3 +353,22 @@ def test_warnings_reach_a_pipe_at_once() -> None:
     finally:
         stream.close()
         os.close(read_fd)
+
+
+def test_batched_publishing_keeps_order_and_hands_over_on_warning_and_detach() -> None:
+    """attach(batch=True): info events go out in bursts, in order; a warning sends what is
+    pending at once; detach() hands over the rest (nothing is lost)."""
+    sent: list[str] = []
+    pipeline = configure_logging(fmt="json", stream=io.StringIO())
+    pipeline.attach(lambda payload: sent.append(json.loads(payload)["message"]), batch=True)
+    log = pipeline.get_logger()
+    for i in range(5):
+        log.info(f"info-{i}")
+    log.warning("careful")  # synchronous: everything before it is published now
+    assert sent == [*(f"info-{i}" for i in range(5)), "careful"]
+    for i in range(300):  # over the burst limit: handed over without waiting for the timer
+        log.info("bulk", i=i)
+    log.info("last")
+    pipeline.detach()
+    assert sent[6:] == [*(["bulk"] * 300), "last"]
+    assert pipeline.published == len(sent) == 307
