@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -63,8 +64,7 @@ class TaskSettings(BaseSettings):
     keeper_api_base: str | None = Field(
         default=None,
         validation_alias="keeper_api_base",
-        description="The agent's HTTPS API base URL; pass {KeeperApiBaseUrl} here "
-        "(env KEEPER_API_BASE).",
+        description="The agent's HTTPS API base URL; the job passes {KeeperApiBaseUrl} here.",
     )
     keeper_job_id: str | None = Field(
         default=None,
@@ -241,21 +241,32 @@ def _is_list(annotation: Any) -> bool:
     return origin in (list, tuple, set, frozenset, Sequence)
 
 
-def build_parser(settings_cls: type[TaskSettings], prog: str | None = None) -> _Parser:
-    """Build the argument parser for ``settings_cls`` (one option per field)."""
+def build_parser(
+    settings_cls: type[TaskSettings],
+    prog: str | None = None,
+    *,
+    description: str | None = None,
+) -> _Parser:
+    """Build the argument parser for ``settings_cls`` (one option per field).
+
+    Each option's help names its environment variable and its default.
+    """
     parser = _Parser(
         prog=prog,
-        description=(settings_cls.__doc__ or "").strip().splitlines()[0]
-        if settings_cls.__doc__
-        else None,
+        usage="%(prog)s [options]",
+        description=description,
         allow_abbrev=False,
         add_help=True,
     )
+    own = parser.add_argument_group("task options")
+    framework = parser.add_argument_group("keeper-task options")
     for name, field in settings_cls.model_fields.items():
         flag = _cli_flag(name)
-        help_text = field.description or ""
+        help_text = _help_text(settings_cls, name, field)
+        section = framework if name in TaskSettings.model_fields else own
         if _is_bool(field.annotation):
-            group = parser.add_mutually_exclusive_group()
+            help_text = help_text.replace(" [env", f" (off: --no-{flag[2:]}) [env", 1)
+            group = section.add_mutually_exclusive_group()
             group.add_argument(
                 flag, dest=name, action="store_const", const=True, default=None, help=help_text
             )
@@ -268,12 +279,43 @@ def build_parser(settings_cls: type[TaskSettings], prog: str | None = None) -> _
                 help=argparse.SUPPRESS,
             )
         elif _is_list(field.annotation):
-            parser.add_argument(
+            section.add_argument(
                 flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text
             )
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar="VALUE", help=help_text)
+            section.add_argument(
+                flag, dest=name, default=None, metavar=_metavar(field.annotation), help=help_text
+            )
     return parser
+
+
+def _help_text(settings_cls: type[TaskSettings], name: str, field: Any) -> str:
+    parts = [field.description or ""]
+    extra = [f"env {_env_name(settings_cls, name)}"]
+    default = None if field.default_factory is not None else field.default
+    if (
+        default is not None
+        and default is not PydanticUndefined
+        and name not in settings_cls.secret_fields
+    ):
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        extra.append(f"default {shown}")
+    parts.append(f"[{'; '.join(extra)}]")
+    # argparse %-formats help strings.
+    return " ".join(p for p in parts if p).replace("%", "%%")
+
+
+def _metavar(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _metavar(args[0])
+    if annotation is int:
+        return "N"
+    if annotation is float:
+        return "NUMBER"
+    return "VALUE"
 
 
 def parse_settings(
@@ -281,6 +323,7 @@ def parse_settings(
     argv: Sequence[str] | None = None,
     *,
     prog: str | None = None,
+    description: str | None = None,
 ) -> S:
     """Parse ``argv`` and the environment into ``settings_cls``.
 
@@ -288,13 +331,14 @@ def parse_settings(
         settings_cls: The task's settings class.
         argv: Arguments without the program name; ``None`` means ``sys.argv[1:]``.
         prog: Program name for usage messages.
+        description: First line of ``--help``.
 
     Raises:
         UsageError: Unknown option or missing value (``--help`` raises ``SystemExit(0)``).
         SettingsError: A value is invalid; the message names the option and its variable.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(settings_cls, prog=prog)
+    parser = build_parser(settings_cls, prog=prog, description=description)
     namespace, extra = parser.parse_known_args(args)
     if extra:
         raise UsageError(f"{_unrecognized(extra)} (see --help)")

@@ -156,7 +156,13 @@ class _Run:
 
     def _execute(self) -> int:
         try:
-            settings = parse_settings(self.task_cls.settings_class, self.argv, prog=self.prog)
+            settings = parse_settings(
+                self.task_cls.settings_class,
+                self.argv,
+                prog=self.prog,
+                description=_first_line(self.task_cls.__doc__)
+                or f"{self.task_cls.__name__}: a Keeper EPM job task (keeper-task).",
+            )
         except SystemExit as exc:  # --help / --version from argparse
             return int(exc.code or 0) if not isinstance(exc.code, str) else 0
         except (UsageError, SettingsError) as exc:
@@ -463,6 +469,11 @@ def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) ->
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)
         )
+
+
+def _first_line(doc: str | None) -> str | None:
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else None
 
 
 def _program_name() -> str:

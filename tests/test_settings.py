@@ -187,3 +187,27 @@ def test_api_base_with_credentials_is_refused_without_quoting_them() -> None:
         parse_settings(TaskSettings, ["--keeper-api-base=https://me:s3cr3t@127.0.0.1:6889"])
     assert "user name or password" in str(info.value)
     assert "s3cr3t" not in str(info.value)
+
+
+class _WithSecret(TaskSettings):
+    """A task with a secret setting."""
+
+    secret_fields = frozenset({"api_token"})
+    api_token: str = "dev-token-123"
+    retries: int = 3
+
+
+def test_help_names_env_and_default_and_groups_the_authors_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--help shows each option's variable and default, the author's options first, and
+    never the default of a secret field."""
+    with pytest.raises(SystemExit):
+        parse_settings(_WithSecret, ["--help"], prog="t", description="Does things.")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Does things." in out
+    assert out.index("task options:") < out.index("keeper-task options:")
+    assert "[env KEEPER_TASK_RETRIES; default 3]" in out
+    assert "[env KEEPER_TASK_API_TOKEN]" in out
+    assert "dev-token-123" not in out
+    assert "(off: --no-mqtt)" in out
