@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tests.support.emulator import job_data
+from tests.support.projects import run_captured
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = ROOT / "examples" / "hello" / "job.json"
@@ -27,20 +28,25 @@ def _cli(*args: str, tmp: Path, timeout: float = 60) -> subprocess.CompletedProc
     env = {**os.environ, "TMPDIR": str(tmp)}  # the emulator's temporary state goes here
     for key in ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE"):
         env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "keeper_task.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-        check=False,
+    return run_captured(
+        [sys.executable, "-m", "keeper_task.cli", *args], env=env, cwd=ROOT, timeout=timeout
     )
 
 
 def _assert_clean(tmp: Path) -> None:
     assert psutil.Process().children(recursive=True) == []
     assert list(tmp.glob("keeper-task-emulator-*")) == []
+
+
+def _start_dev_agent(state: Path) -> subprocess.Popen[str]:
+    """Start ``keeper-task dev agent --state-dir state`` with its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "keeper_task.cli", "dev", "agent", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def _lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
@@ -193,13 +199,7 @@ def test_dev_agent_serves_the_seed_curl_flows(tmp_path: Path) -> None:
     state = tmp_path / "state"
     (state / "Jobs").mkdir(parents=True)
     (state / "Jobs" / "broken.json").write_text('{"id": "broken",')
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keeper_task.cli", "dev", "agent", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = _start_dev_agent(state)
     try:
         lines = _lines_of(proc)
         head = [_wait_line(lines, lambda ln: ln.startswith("keeper-task dev agent: serving"))]
@@ -282,13 +282,7 @@ def test_dev_agent_shows_each_log_event_of_a_triggered_run_once(tmp_path: Path) 
     binary.write_text(f"#!{sys.executable}\n{hello_src}")
     binary.chmod(0o755)
     (state / "Jobs" / "hello-task.json").write_text(HELLO.read_text())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keeper_task.cli", "dev", "agent", "--state-dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = _start_dev_agent(state)
     try:
         lines = _lines_of(proc)
         base = _wait_line(lines, lambda ln: ln.startswith("keeper-task dev agent: serving"))

@@ -7,14 +7,20 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from keeper_task.cli import main
+from tests.support import jobs as support_jobs
 from tests.support.https import HttpsServer, Response
 from tests.support.jobs import AdminPki, FakeJobsAgent, example_job, write_job
+
+# The Admin-tier fixtures shared with the other jobs test module.
+pki = support_jobs.pki
+_shared_server = support_jobs._shared_server
+server = support_jobs.server
+agent = support_jobs.agent
 
 ENV_VARS = (
     "KEEPER_AGENT_URL",
@@ -33,34 +39,10 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> AdminPki:
-    return AdminPki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def _shared_server(pki: AdminPki) -> Iterator[HttpsServer]:
-    with pki.server() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def closed_url(pki: AdminPki) -> str:
     """An https URL on 127.0.0.1 where nothing listens (the agent is unreachable)."""
     with HttpsServer(pki.server_ca) as srv:
         return srv.base_url
-
-
-@pytest.fixture
-def server(_shared_server: HttpsServer) -> Iterator[HttpsServer]:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    yield _shared_server
-    _shared_server.routes.clear()
-
-
-@pytest.fixture
-def agent(server: HttpsServer) -> FakeJobsAgent:
-    return FakeJobsAgent(server)
 
 
 @pytest.fixture

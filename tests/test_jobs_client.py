@@ -19,34 +19,15 @@ from keeper_task.errors import (
     ValidationFailedError,
 )
 from keeper_task.jobs import Job, parse_job
+from tests.support import jobs as support_jobs
 from tests.support.https import HttpsServer, Response
 from tests.support.jobs import AdminPki, FakeJobsAgent, HangUpServer, example_job
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> AdminPki:
-    return AdminPki.create(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def _shared_server(pki: AdminPki) -> Iterator[HttpsServer]:
-    # One server per module: each server costs a 0.5 s poll on shutdown.
-    with pki.server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def server(_shared_server: HttpsServer) -> Iterator[HttpsServer]:
-    """The shared server with no routes and no recorded requests; restored afterwards."""
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    yield _shared_server
-    _shared_server.routes.clear()
-
-
-@pytest.fixture
-def agent(server: HttpsServer) -> FakeJobsAgent:
-    return FakeJobsAgent(server)
+# The Admin-tier fixtures shared with the other jobs test module.
+pki = support_jobs.pki
+_shared_server = support_jobs._shared_server
+server = support_jobs.server
+agent = support_jobs.agent
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -21,9 +20,14 @@ from tests.support.projects import (
     env_with_venv,
     fake_onedir_binary,
     make_overlay_venv,
+    pip,
     pip_install,
+    run_captured,
     venv_bin,
 )
+
+# Prints where the installed keeper_task reads its project templates from.
+_TEMPLATES_PROBE = "from keeper_task import scaffold; print(scaffold.templates_root())"
 
 
 def _new(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -203,46 +207,14 @@ def test_templates_come_from_the_checkout_after_a_real_editable_install(tmp_path
     """
     py = make_overlay_venv(tmp_path / "venv", include_checkout=False)
     # With build isolation: hatchling's editable builds need `editables` (from the index).
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(py),
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--editable",
-            str(REPO_ROOT),
-        ],
-        check=True,
-        timeout=300,
-    )
+    pip_install(py, REPO_ROOT, extra=["--editable"], build_isolation=True)
     env = env_with_venv(tmp_path / "venv")
     work = tmp_path / "work"
     work.mkdir()
-    probe = subprocess.run(
-        [str(py), "-c", "from keeper_task import scaffold; print(scaffold.templates_root())"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-        check=False,
-        timeout=60,
-    )
+    probe = run_captured([py, "-c", _TEMPLATES_PROBE], env=env, cwd=work)
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()) == REPO_ROOT / "templates"
-    done = subprocess.run(
-        [str(py), "-m", "keeper_task.cli", "new", "from-editable"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-        timeout=60,
-        check=False,
-    )
+    done = run_captured([py, "-m", "keeper_task.cli", "new", "from-editable"], env=env, cwd=work)
     assert done.returncode == 0, done.stderr
     assert (work / "from-editable" / "src" / "from_editable" / "task.py").is_file()
 
@@ -291,15 +263,7 @@ def test_deploy_script_places_registers_and_triggers(tmp_path: Path, via: str) -
         if via == "curl":
             argv.append("--curl")
         for attempt in (1, 2):  # idempotent: the second deploy replaces and updates
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=tmp_path,
-                timeout=120,
-                check=False,
-            )
+            done = run_captured(argv, env=env, cwd=tmp_path, timeout=120)
             assert done.returncode == 0, done.stdout + done.stderr
             assert agent.wait_for(
                 lambda n=attempt: len([r for r in agent.runs if r.done.is_set()]) >= n, 30
@@ -336,35 +300,12 @@ def test_spec_without_a_valid_dir_raises_usage_error(tmp_path: Path) -> None:
 def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
     """A wheel of keeper-task carries the templates and ``new`` works from that install."""
     wheels = tmp_path / "wheels"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            str(REPO_ROOT),
-            "-w",
-            str(wheels),
-        ],
-        check=True,
-        timeout=300,
-    )
+    pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", REPO_ROOT, "-w", wheels)
     (wheel,) = wheels.glob("keeper_task-*.whl")
     py = make_overlay_venv(tmp_path / "venv", include_checkout=False)
     pip_install(py, wheel)
     env = env_with_venv(tmp_path / "venv")
-    probe = subprocess.run(
-        [str(py), "-c", "from keeper_task import scaffold; print(scaffold.templates_root())"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-        timeout=60,
-    )
+    probe = run_captured([py, "-c", _TEMPLATES_PROBE], env=env, cwd=tmp_path)
     assert probe.returncode == 0, (
         "templates missing from the wheel: pyproject.toml needs "
         '[tool.hatch.build.targets.wheel.force-include] "templates" = "keeper_task/_templates"; '
@@ -373,15 +314,7 @@ def test_templates_ship_inside_the_wheel(tmp_path: Path) -> None:
     found = probe.stdout.strip()
     assert found.endswith(os.path.join("keeper_task", "_templates")), found
     assert str(tmp_path / "venv") in found
-    done = subprocess.run(
-        [str(py), "-m", "keeper_task.cli", "new", "from-wheel"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    done = run_captured([py, "-m", "keeper_task.cli", "new", "from-wheel"], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "from-wheel" / "src" / "from_wheel" / "task.py").is_file()
 
@@ -391,40 +324,27 @@ def test_scaffold_installs_passes_its_tests_and_runs_under_dev_run(tmp_path: Pat
     py = make_overlay_venv(tmp_path / "venv", include_checkout=True)
     env = env_with_venv(tmp_path / "venv")
     spec = f"keeper-task @ {REPO_ROOT.as_uri()}"
-    created = subprocess.run(
-        [str(py), "-m", "keeper_task.cli", "new", "demo-task", "--keeper-task-spec", spec],
-        capture_output=True,
-        text=True,
+    created = run_captured(
+        [py, "-m", "keeper_task.cli", "new", "demo-task", "--keeper-task-spec", spec],
         env=env,
         cwd=tmp_path,
-        timeout=60,
-        check=False,
     )
     assert created.returncode == 0, created.stderr
     project = tmp_path / "demo-task"
     pip_install(py, project)
-    tests = subprocess.run(
-        [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=project,
-        timeout=180,
-        check=False,
+    tests = run_captured(
+        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"], env=env, cwd=project, timeout=180
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "3 passed" in tests.stdout
     # The installed console script DemoTask is found on PATH, as the agent's runner would.
     assert (venv_bin(tmp_path / "venv") / "DemoTask").exists()
     host = scaffold.current_os()
-    run = subprocess.run(
-        [str(py), "-m", "keeper_task.cli", "dev", "run", f"jobs/{host}/demo-task.json"],
-        capture_output=True,
-        text=True,
+    run = run_captured(
+        [py, "-m", "keeper_task.cli", "dev", "run", f"jobs/{host}/demo-task.json"],
         env=env,
         cwd=project,
         timeout=180,
-        check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "demo_task.finished" in run.stdout

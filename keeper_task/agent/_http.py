@@ -11,7 +11,7 @@ import json
 import ssl
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -26,7 +26,9 @@ from keeper_task.errors import (
 )
 from keeper_task.tls import client_ssl_context
 
-__all__ = ["AgentHttp", "certificate_failure", "decode_json", "path_segment"]
+__all__ = ["AgentClient", "AgentHttp", "certificate_failure", "decode_json", "path_segment"]
+
+_C = TypeVar("_C", bound="_ClosesOnExit")
 
 
 def path_segment(value: str) -> str:
@@ -34,7 +36,26 @@ def path_segment(value: str) -> str:
     return quote(value, safe="")
 
 
-class AgentHttp:
+class _ClosesOnExit:
+    """Context-manager support: leaving the ``with`` block calls :meth:`close`."""
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the object holds."""
+        raise NotImplementedError
+
+
+class AgentHttp(_ClosesOnExit):
     """A small synchronous HTTPS client for the agent's loopback API.
 
     Args:
@@ -71,17 +92,6 @@ class AgentHttp:
             headers={"Accept": "application/json", **(headers or {})},
             trust_env=False,
         )
-
-    def __enter__(self) -> AgentHttp:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -185,6 +195,19 @@ class AgentHttp:
             status_code=status,
             url=url,
         )
+
+
+class AgentClient(_ClosesOnExit):
+    """Base of the agent API clients: each sends through one :class:`AgentHttp`.
+
+    A subclass sets ``self._http`` in ``__init__``; ``with`` and :meth:`close` close it.
+    """
+
+    _http: AgentHttp
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
 
 
 def decode_json(response: httpx.Response, what: str) -> Any:

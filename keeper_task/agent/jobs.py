@@ -18,12 +18,11 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from keeper_task.agent._http import AgentHttp, decode_json, path_segment
+from keeper_task.agent._http import AgentClient, AgentHttp, decode_json, path_segment
 from keeper_task.errors import (
     AgentResponseError,
     AgentUnreachableError,
@@ -113,7 +112,7 @@ class JobListing:
         return [job.id for job in self.jobs if job.id is not None]
 
 
-class JobsClient:
+class JobsClient(AgentClient):
     """Client of the agent's ``/api/Jobs`` endpoints (Admin tier).
 
     Args:
@@ -197,21 +196,6 @@ class JobsClient:
                 values[name] = value
         base_url = values.pop("url", values.pop("base_url", DEFAULT_AGENT_URL))
         return cls(base_url, **values)
-
-    def __enter__(self) -> JobsClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
 
     # -- endpoints -----------------------------------------------------------------------
 

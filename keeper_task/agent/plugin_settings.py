@@ -23,13 +23,17 @@ import json
 import ssl
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 import structlog
 
-from keeper_task.agent._http import AgentHttp, certificate_failure, path_segment
+from keeper_task.agent._http import (
+    AgentClient,
+    AgentHttp,
+    certificate_failure,
+    path_segment,
+)
 from keeper_task.agent.retry import RetryPolicy, call_with_retry
 from keeper_task.errors import (
     AgentError,
@@ -53,7 +57,7 @@ def default_value_body(value: Any) -> Any:
     return {"value": value}
 
 
-class PluginSettingsClient:
+class PluginSettingsClient(AgentClient):
     """Read and write plugin settings through the agent's local HTTPS API.
 
     Args:
@@ -98,21 +102,6 @@ class PluginSettingsClient:
         # Once the agent has answered us, the PID is registered: a later 403 means the endpoint
         # needs another tier (PUT is Admin on some agents), which waiting cannot fix.
         self._trusted = False
-
-    def __enter__(self) -> PluginSettingsClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
 
     # --- endpoints ------------------------------------------------------------------------
 

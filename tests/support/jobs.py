@@ -8,6 +8,8 @@
 * :class:`HangUpServer`: completes the TLS handshake, reads the request and hangs up without
   a word, as an asyncio TLS server does after refusing a client certificate under TLS 1.3.
 * Hypothesis strategies: :func:`valid_jobs` builds jobs that pass every offline rule.
+* Fixtures shared by the Admin-tier test modules (import them into the module):
+  ``pki``, ``_shared_server``, ``server`` and ``agent``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import json
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import pytest
 import trustme
 from hypothesis import strategies as st
 
@@ -178,24 +182,21 @@ class FakeJobsAgent:
         return Response(200, validate_job(req.json()).to_agent_json())
 
     def _trigger(self, req: Request) -> Response:
-        job_id = self._id(req)
-        job = self.jobs.get(job_id)
-        if job is None:
-            return Response(404, {"message": "Job not found"})
-        if not job.get("enabled"):
-            return Response(400, {"errors": [f"Job {job_id} is disabled"]})
-        self.triggered.append((job_id, req.json()))
-        return Response(200, {"message": "Job triggered"})
+        return self._start(req, with_context=True, message="Job triggered")
 
     def _run(self, req: Request) -> Response:
+        return self._start(req, with_context=False, message="Job started")
+
+    def _start(self, req: Request, *, with_context: bool, message: str) -> Response:
+        """Trigger/run: 404 for an unknown job, 400 for a disabled one, else record the start."""
         job_id = self._id(req)
         job = self.jobs.get(job_id)
         if job is None:
             return Response(404, {"message": "Job not found"})
         if not job.get("enabled"):
             return Response(400, {"errors": [f"Job {job_id} is disabled"]})
-        self.triggered.append((job_id, None))
-        return Response(200, {"message": "Job started"})
+        self.triggered.append((job_id, req.json() if with_context else None))
+        return Response(200, {"message": message})
 
     def _reload(self, _req: Request) -> Response:
         self.reloads += 1
@@ -391,3 +392,34 @@ def write_job(directory: Path, job: dict[str, Any], name: str | None = None) -> 
     path = directory / (name or f"{job['id']}.json")
     path.write_text(json.dumps(job, indent=2), encoding="utf-8")
     return path
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> AdminPki:
+    """Throwaway mutual-TLS certificates, one set per test module."""
+    return AdminPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def _shared_server(pki: AdminPki) -> Iterator[HttpsServer]:
+    # One server per module: each server costs a 0.5 s poll on shutdown.
+    with pki.server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(_shared_server: HttpsServer) -> Iterator[HttpsServer]:
+    """The shared server with no routes and no recorded requests; restored afterwards."""
+    _shared_server.routes.clear()
+    _shared_server.requests.clear()
+    yield _shared_server
+    _shared_server.routes.clear()
+
+
+@pytest.fixture
+def agent(server: HttpsServer) -> FakeJobsAgent:
+    """The fake ``/api/Jobs`` endpoints on the shared server."""
+    return FakeJobsAgent(server)

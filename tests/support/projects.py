@@ -60,25 +60,51 @@ def make_overlay_venv(venv: Path, *, include_checkout: bool) -> Path:
     return py
 
 
-def pip_install(py: Path, *targets: str | Path, extra: Sequence[str] = ()) -> None:
-    """Install ``targets`` into the venv of ``py`` with this environment's pip, no deps."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(py),
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            *extra,
-            *(str(t) for t in targets),
-        ],
-        check=True,
-        timeout=300,
+def pip(*args: str | Path) -> None:
+    """Run this environment's pip with ``args``; a failure fails the test."""
+    subprocess.run([sys.executable, "-m", "pip", *(str(a) for a in args)], check=True, timeout=300)
+
+
+def pip_install(
+    py: Path,
+    *targets: str | Path,
+    extra: Sequence[str] = (),
+    build_isolation: bool = False,
+) -> None:
+    """Install ``targets`` into the venv of ``py`` with this environment's pip, no deps.
+
+    Args:
+        py: The venv's interpreter.
+        targets: What to install (wheels, project directories).
+        extra: Options placed just before ``targets`` (e.g. ``["--editable"]``).
+        build_isolation: Build in an isolated environment (fetches build deps from the index).
+    """
+    isolation = () if build_isolation else ("--no-build-isolation",)
+    pip(
+        "--python",
+        py,
+        "install",
+        "--quiet",
+        "--no-deps",
+        *isolation,
+        "--disable-pip-version-check",
+        *extra,
+        *targets,
+    )
+
+
+def run_captured(
+    argv: Sequence[str | Path], *, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in ``cwd`` with ``env``, capturing text output; the caller checks the code."""
+    return subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
     )
 
 
