@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
+from keeper_task.cli.job import parse_context
 from keeper_task.errors import EmulatorError, JobDefinitionError, UsageError
 from keeper_task.exit_codes import signal_exit_code
 
@@ -345,26 +346,6 @@ class _Signals:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
-def _load_context(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    source = "--context"
-    if text.startswith("@"):
-        path = Path(text[1:])
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except OSError as exc:
-            raise UsageError(f"--context {path}: {exc.strerror or exc}") from exc
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{source}: not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise UsageError(f"{source}: the trigger context must be a JSON object")
-    return value
-
-
 # --- dev run -------------------------------------------------------------------------------
 
 
@@ -402,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
     from keeper_task.emulator import Emulator, resolve_task_command
     from keeper_task.jobs import host_os, load_job, resolve_binary, validate_job
 
+    context = parse_context(args.context)  # bad input first, before anything starts
     job_path = Path(args.job)
     if job_path.is_dir():
         raise JobDefinitionError(f"{job_path} is a directory; give the job's JSON file")
@@ -447,7 +429,6 @@ def _run(args: argparse.Namespace) -> int:
                 f"{command[-1]} with {Path(sys.executable).name}",
                 file=sys.stderr,
             )
-    context = _load_context(args.context)
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be > 0 seconds")
 

@@ -273,7 +273,8 @@ def _os_name(value: str | None) -> str:
         raise UsageError(f"--os: {exc}") from exc
 
 
-def _parse_context(value: str | None) -> dict[str, Any] | None:
+def parse_context(value: str | None) -> dict[str, Any] | None:
+    """Parse a ``--context JSON|@file`` option (shared with ``keeper-task dev run``)."""
     if value is None:
         return None
     source = "--context"
@@ -437,7 +438,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_trigger(args: argparse.Namespace) -> int:
-    context = _parse_context(args.context)
+    context = parse_context(args.context)
     with _client(args) as client:
         response = client.trigger(args.job_id, context)
     return _done(args, f"job {args.job_id!r} triggered", args.job_id, response)
@@ -505,7 +506,7 @@ def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
         step(name, "invalid; fix the errors above", **report.to_agent_json())
         return finish(EXIT_INVALID)
 
-    context = _parse_context(args.context)
+    context = parse_context(args.context)
     job = load_job(args.file)
     agent_root = _agent_root(args.agent_root, default=True)
     assert agent_root is not None  # default=True always gives a root
