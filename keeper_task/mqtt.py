@@ -230,6 +230,9 @@ class _Client(paho.Client):
                 out.extendleft(reversed(batch))
                 self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
                 return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if written <= 0:  # nothing taken: leave the rest to paho's own loop below
+                out.extendleft(reversed(batch))
+                break
             done = 0
             for p in batch:
                 if written < p["to_process"]:
