@@ -21,11 +21,14 @@ TCP) and ``.collect(topic, qos=1) -> Collector``:
         msgs = col.wait_for(10, timeout=5)   # list of (topic, payload bytes)
 
 mosquitto is looked up on PATH and in /usr/sbin; without it, mosquitto tests skip with a
-reason (``.ci/run`` installs the Debian package).
+reason — unless ``KEEPER_TASK_REQUIRE_TOOLS=1`` is set (``.ci/run`` sets it after installing
+the Debian packages): then any test skipped because a tool is missing (mosquitto, curl) fails
+instead, wherever the skip comes from, so CI never passes by skipping.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -40,6 +43,23 @@ from tests.support.brokers import (
 )
 
 _NO_MOSQUITTO = "mosquitto binary not found on PATH or in /usr/sbin (apt-get install mosquitto)"
+
+
+_MISSING_TOOL = ("mosquitto", "curl", "not installed", "not found")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    """With KEEPER_TASK_REQUIRE_TOOLS=1, a skip for a missing tool is a failure."""
+    report = yield
+    if report.skipped and os.environ.get("KEEPER_TASK_REQUIRE_TOOLS") == "1":
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else "")
+        if any(word in reason for word in _MISSING_TOOL):
+            report.outcome = "failed"
+            report.longrepr = f"{reason} (KEEPER_TASK_REQUIRE_TOOLS=1: install it, do not skip)"
+    return report
 
 
 @pytest.fixture(scope="session")
