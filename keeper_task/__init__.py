@@ -1,14 +1,22 @@
 """keeper-task: write job tasks for the Keeper Endpoint Privilege Manager agent.
 
-The public surface is re-exported here; the implementation lives in private-by-convention
-modules named after their concern (``task``, ``context``, ``settings``, ``agent``, ``mqtt``,
-``logging``, ``tls``, ``errors``). Importing this package loads runtime code only: the job
-model and the Admin client (deployment tooling) are loaded on first use.
+This package's names are the **task runtime**: what code inside a task binary uses. Everything
+else lives next to its concern (see docs/architecture.md):
+
+* deployment — the job model, the offline validator and the Admin client — in
+  :mod:`keeper_task.jobs` (``Job``, ``load_job``, ``validate_job``, ``JobsClient`` ...);
+* the local agent emulator in :mod:`keeper_task.emulator` (extra ``[emulator]``);
+* the pytest plugin in :mod:`keeper_task.testing` (fixtures ``keeper_agent``,
+  ``keeper_agent_session``).
+
+Importing this package loads runtime code only. The deployment names that 0.1 exported from
+here still resolve, with a ``DeprecationWarning``, until 0.3.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 from keeper_task.agent.plugin_settings import PluginSettingsClient
 from keeper_task.agent.retry import RetryPolicy
@@ -20,8 +28,6 @@ from keeper_task.errors import (
     AgentUnreachableError,
     BrokerUnavailableError,
     DeadlineExceeded,
-    JobDefinitionError,
-    JobNotFoundError,
     KeeperTaskError,
     MqttError,
     MqttNotAvailableError,
@@ -34,7 +40,6 @@ from keeper_task.errors import (
     TaskInterrupted,
     TopicNotDeclaredError,
     UsageError,
-    ValidationFailedError,
 )
 from keeper_task.exit_codes import ExitCode
 from keeper_task.log_schema import KeeperJsonSchema, KeeperLogSchema, LogRecord
@@ -44,33 +49,37 @@ from keeper_task.settings import TaskSettings
 from keeper_task.task import Task
 from keeper_task.tls import client_ssl_context
 
-if TYPE_CHECKING:
-    from keeper_task.agent.jobs import JobsClient
-    from keeper_task.jobs import Job, JobTask, ValidationReport, load_job, parse_job, validate_job
-
 __version__ = "0.1.0"
 
-# Loaded on first attribute access: a task binary never pays for the job model.
-_LAZY = {
-    "Job": "keeper_task.jobs",
-    "JobTask": "keeper_task.jobs",
-    "JobsClient": "keeper_task.agent.jobs",
-    "ValidationReport": "keeper_task.jobs",
-    "load_job": "keeper_task.jobs",
-    "parse_job": "keeper_task.jobs",
-    "validate_job": "keeper_task.jobs",
-}
+#: Deployment names exported here in 0.1; they moved to keeper_task.jobs (removed in 0.3).
+_MOVED_TO_JOBS = frozenset(
+    {
+        "Job",
+        "JobDefinitionError",
+        "JobNotFoundError",
+        "JobTask",
+        "JobsClient",
+        "ValidationFailedError",
+        "ValidationReport",
+        "load_job",
+        "parse_job",
+        "validate_job",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _MOVED_TO_JOBS:
         raise AttributeError(f"module 'keeper_task' has no attribute {name!r}")
+    warnings.warn(
+        f"keeper_task.{name} moved to keeper_task.jobs.{name}; "
+        f"import it from there (the old name goes away in 0.3)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module("keeper_task.jobs"), name)
 
 
 __all__ = [
@@ -81,11 +90,6 @@ __all__ = [
     "BrokerUnavailableError",
     "DeadlineExceeded",
     "ExitCode",
-    "Job",
-    "JobDefinitionError",
-    "JobNotFoundError",
-    "JobTask",
-    "JobsClient",
     "KeeperJsonSchema",
     "KeeperLogSchema",
     "KeeperTaskError",
@@ -108,13 +112,8 @@ __all__ = [
     "TaskSettings",
     "TopicNotDeclaredError",
     "UsageError",
-    "ValidationFailedError",
-    "ValidationReport",
     "__version__",
     "build_client_id",
     "client_ssl_context",
     "configure_logging",
-    "load_job",
-    "parse_job",
-    "validate_job",
 ]

@@ -1,8 +1,13 @@
-"""Job definitions: the JSON model, offline validation, and where a task's binary lives.
+"""Deployment: job definitions, offline validation, where a binary lives, the Admin client.
 
-Runtime-side (no tooling imports): the emulator and the ``keeper-task job`` command build on it.
+The job JSON model, the offline validator and :class:`JobsClient` (the agent's Job Management
+API, Admin tier) are what deployment scripts and the ``keeper-task job`` command use; a task
+binary never imports this package. No tooling imports either: the emulator builds on it.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from keeper_task.errors import JobDefinitionError, JobNotFoundError, ValidationFailedError
 from keeper_task.jobs.binary import (
     BUILTIN_COMMANDS,
     OS_NAMES,
@@ -38,6 +43,19 @@ from keeper_task.jobs.validate import (
     validate_job,
 )
 
+if TYPE_CHECKING:
+    from keeper_task.agent.jobs import JobsClient
+
+
+def __getattr__(name: str) -> Any:
+    # The Admin client imports this package's model: loaded on first use to avoid a cycle.
+    if name == "JobsClient":
+        from keeper_task.agent.jobs import JobsClient
+
+        return JobsClient
+    raise AttributeError(f"module 'keeper_task.jobs' has no attribute {name!r}")
+
+
 __all__ = [
     "API_BASE_TOKEN",
     "BUILTIN_COMMANDS",
@@ -46,11 +64,15 @@ __all__ = [
     "OS_NAMES",
     "InstallResult",
     "Job",
+    "JobDefinitionError",
     "JobEvent",
+    "JobNotFoundError",
     "JobSchedule",
     "JobTask",
+    "JobsClient",
     "MqttTopics",
     "OsFilter",
+    "ValidationFailedError",
     "ValidationReport",
     "binary_candidates",
     "binary_file_name",
