@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import keeper_task
 
 TOOLING_PACKAGES = {
@@ -83,3 +85,24 @@ def test_py_typed_marker_ships() -> None:
     from importlib.resources import files
 
     assert files("keeper_task").joinpath("py.typed").is_file()
+
+
+def test_deployment_names_live_in_keeper_task_jobs() -> None:
+    """The job model, validator, Admin client and job errors are keeper_task.jobs names."""
+    import keeper_task.jobs as jobs
+
+    for name in ("Job", "JobsClient", "load_job", "validate_job", "ValidationFailedError"):
+        assert name in jobs.__all__
+        assert name not in keeper_task.__all__
+    assert [n for n in jobs.__all__ if not hasattr(jobs, n)] == []
+
+
+def test_old_deployment_names_still_resolve_with_a_deprecation_warning() -> None:
+    """0.1's `from keeper_task import load_job` works until 0.3, and says where it moved."""
+    import keeper_task.jobs as jobs
+
+    with pytest.warns(DeprecationWarning, match=r"keeper_task\.jobs\.load_job"):
+        old = keeper_task.load_job
+    assert old is jobs.load_job
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = keeper_task.nope  # type: ignore[attr-defined]
