@@ -601,16 +601,44 @@ def build_project(
         f"building {project.command} for {os_name} only ({'onefile' if onefile else 'onedir'}): "
         "PyInstaller cannot cross-build, build on each OS you deploy to"
     )
-
     _build_env(
         py, venv_dir, python=python or sys.executable, echo=echo, log=logs / "venv.log", fresh=fresh
     )
+    _install_runtime(project, py, venv_dir, logs=logs, echo=echo)
+    binary_dir = out_dir / "Jobs" / "bin" / project.command
+    binary = _freeze(
+        project, py, os_name, binary_dir, out_dir, work=work, onefile=onefile, echo=echo
+    )
+    sign = sign_command if sign_command is not None else os.environ.get("KEEPER_TASK_SIGN_COMMAND")
+    if sign:
+        _sign(sign, binary, binary_dir, log=logs / "sign.log", echo=echo)
+    else:
+        echo("[4/5] " + unsigned_notice(os_name))
+
+    echo("[5/5] writing the deploy bundle")
+    bundle = make_bundle(project, os_name, binary_dir, out_dir)
+    result = BuildResult(
+        os_name, binary, binary_dir, bundle, onefile, bool(sign), time.monotonic() - start
+    )
+    size = _mb(result.binary_size)
+    if not onefile:
+        size += f"; directory {_mb(result.total_size)}"
+    echo(f"binary: {binary} ({size})")
+    echo(f"bundle: {bundle} ({_mb(bundle.stat().st_size)})")
+    echo(f"built in {result.seconds:.0f} s")
+    return result
+
+
+def _install_runtime(
+    project: BuildProject, py: Path, venv_dir: Path, *, logs: Path, echo: Echo
+) -> None:
+    """Step 2: the project (runtime dependencies only) and PyInstaller into the build env."""
     pyinstaller = _pyinstaller_spec()
     local = local_keeper_task(project)
-    echo(f"[2/5] installing the project and {pyinstaller} (runtime only; log {logs / 'pip.log'})")
+    pip_log = logs / "pip.log"
+    echo(f"[2/5] installing the project and {pyinstaller} (runtime only; log {pip_log})")
     if local is not None:
         echo(f"      with the keeper-task running this build: {local}")
-    pip_log = logs / "pip.log"
     try:
         _run_step(
             [
@@ -631,20 +659,10 @@ def build_project(
             echo=echo,
         )
     except BuildError as exc:
-        text = pip_log.read_text(encoding="utf-8", errors="replace").lower()
-        if "for pyinstaller" in text or "pyinstaller" in _last_line(pip_log).lower():
-            raise BuildError(
-                f"PyInstaller could not be installed into the build environment ({pyinstaller}; "
-                f"needs PyPI or a local index): {_last_line(pip_log)}; full log: {pip_log}"
-            ) from exc
-        if "no matching distribution found for keeper-task" in text:
-            raise BuildError(
-                "keeper-task could not be installed into the build environment (not on the "
-                "package index): install keeper-task from a checkout or file in the environment "
-                "you build from (pip install /path/to/keeper-task), or point the project's "
-                f"requirement at it ('keeper-task @ file:///path'); full log: {pip_log}"
-            ) from exc
-        raise
+        explained = _explain_pip_failure(pip_log, pyinstaller)
+        if explained is None:
+            raise
+        raise explained from exc
     bad = tooling_found(_installed(py), allowed=project.dependencies)
     if bad:
         raise BuildError(
@@ -658,7 +676,37 @@ def build_project(
             "recreate it"
         )
 
-    binary_dir = out_dir / "Jobs" / "bin" / project.command
+
+def _explain_pip_failure(pip_log: Path, pyinstaller: str) -> BuildError | None:
+    """A clearer one-line reason for a failed ``pip install`` of step 2, when the log has one."""
+    text = pip_log.read_text(encoding="utf-8", errors="replace").lower()
+    if "for pyinstaller" in text or "pyinstaller" in _last_line(pip_log).lower():
+        return BuildError(
+            f"PyInstaller could not be installed into the build environment ({pyinstaller}; "
+            f"needs PyPI or a local index): {_last_line(pip_log)}; full log: {pip_log}"
+        )
+    if "no matching distribution found for keeper-task" in text:
+        return BuildError(
+            "keeper-task could not be installed into the build environment (not on the "
+            "package index): install keeper-task from a checkout or file in the environment "
+            "you build from (pip install /path/to/keeper-task), or point the project's "
+            f"requirement at it ('keeper-task @ file:///path'); full log: {pip_log}"
+        )
+    return None
+
+
+def _freeze(
+    project: BuildProject,
+    py: Path,
+    os_name: str,
+    binary_dir: Path,
+    out_dir: Path,
+    *,
+    work: Path,
+    onefile: bool,
+    echo: Echo,
+) -> Path:
+    """Step 3: PyInstaller into ``Jobs/bin/<Command>/``; returns the binary's path."""
     exe_name = f"{project.command}.exe" if os_name == "windows" else project.command
     if binary_dir.exists() or binary_dir.is_symlink():
         _remove_inside(binary_dir, out_dir)
@@ -683,10 +731,12 @@ def build_project(
         "--onefile" if onefile else "--onedir",
     ]
     if os_name == "linux":
-        cmd.append("--strip")  # about half the size of the shared libraries (DESIGN.md)
+        # Measured here: onefile 23 MB -> 13 MB (docs/architecture.md, "Measurements").
+        cmd.append("--strip")
     for module in _EXCLUDED_MODULES:
         cmd += ["--exclude-module", module]
     cmd.append(str(entry))
+    logs = work / "logs"
     echo(f"[3/5] running PyInstaller (log {logs / 'pyinstaller.log'})")
     _run_step(cmd, log=logs / "pyinstaller.log", label="PyInstaller", echo=echo, cwd=project.root)
     binary = binary_dir / exe_name
@@ -695,25 +745,7 @@ def build_project(
     if os_name != "windows":
         binary.chmod(binary.stat().st_mode | 0o755)
     _check_frozen_modules(work / "pyinstaller" / project.command, project.dependencies)
-
-    sign = sign_command if sign_command is not None else os.environ.get("KEEPER_TASK_SIGN_COMMAND")
-    if sign:
-        _sign(sign, binary, binary_dir, log=logs / "sign.log", echo=echo)
-    else:
-        echo("[4/5] " + unsigned_notice(os_name))
-
-    echo("[5/5] writing the deploy bundle")
-    bundle = make_bundle(project, os_name, binary_dir, out_dir)
-    result = BuildResult(
-        os_name, binary, binary_dir, bundle, onefile, bool(sign), time.monotonic() - start
-    )
-    size = _mb(result.binary_size)
-    if not onefile:
-        size += f"; directory {_mb(result.total_size)}"
-    echo(f"binary: {binary} ({size})")
-    echo(f"bundle: {bundle} ({_mb(bundle.stat().st_size)})")
-    echo(f"built in {result.seconds:.0f} s")
-    return result
+    return binary
 
 
 _FROZEN_TOOLING_RE = re.compile(
