@@ -48,6 +48,7 @@ from keeper_task.errors import (
     SettingsError,
     TopicNotDeclaredError,
 )
+from keeper_task.topics import topic_allowed  # the one matcher, shared with the emulator
 
 __all__ = [
     "DEFAULT_CLIENT_ID_TEMPLATE",
@@ -277,11 +278,6 @@ class _Client(paho.Client):
     def _sock_close(self) -> None:
         self._rbuf, self._rpos = b"", 0
         super()._sock_close()
-
-
-def topic_allowed(topic: str, patterns: Collection[str]) -> bool:
-    """Return True when ``topic`` matches one of ``patterns`` (MQTT ``+``/``#`` wildcards)."""
-    return any(p == topic or paho.topic_matches_sub(p, topic) for p in patterns)
 
 
 class MqttClient:

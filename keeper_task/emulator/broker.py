@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from keeper_task.emulator.records import BrokerMessage, DeniedOperation, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.errors import EmulatorError
+from keeper_task.topics import topic_allowed
 
 if TYPE_CHECKING:
     from keeper_task.emulator.state import EmulatorState
@@ -71,28 +72,6 @@ def job_id_of_client(client_id: str | None) -> str | None:
     if not client_id:
         return None
     return client_id.split("_", 1)[0] or None
-
-
-def topic_allowed(topic: str, allowed: list[str] | tuple[str, ...]) -> bool:
-    """Whether ``topic`` (a topic or a subscription filter) is covered by an allowed entry.
-
-    An entry matches exactly, or as an MQTT filter (``+`` one level, ``#`` the rest); a
-    wildcard in ``topic`` itself is only covered by the same wildcard or a wider one.
-    """
-    return any(entry == topic or _filter_covers(entry, topic) for entry in allowed)
-
-
-def _filter_covers(entry: str, topic: str) -> bool:
-    want = topic.split("/")
-    have = entry.split("/")
-    for i, part in enumerate(have):
-        if part == "#":
-            return True
-        if i >= len(want):
-            return False
-        if part not in ("+", want[i]):
-            return False
-    return len(want) == len(have)
 
 
 def parse_broker_spec(spec: str) -> tuple[str, str | None, int | None, bool]:
