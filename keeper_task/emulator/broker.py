@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from keeper_task.emulator.records import BrokerMessage, DeniedOperation, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.errors import EmulatorError
-from keeper_task.topics import topic_allowed
+from keeper_task.topics import is_valid_topic, topic_allowed
 
 if TYPE_CHECKING:
     from keeper_task.emulator.state import EmulatorState
@@ -65,6 +65,9 @@ logging.getLogger("amqtt").addHandler(logging.NullHandler())
 logging.getLogger("transitions").addHandler(logging.NullHandler())
 
 RECORDER_CLIENT_ID = "keeper-task-emulator-recorder"
+
+#: An extra client-id rule: ``(client_id, job_id, job_name, pid)`` -> why refused, or None.
+ClientIdCheck = Callable[[str, str, str | None, int | None], str | None]
 
 
 def job_id_of_client(client_id: str | None) -> str | None:
@@ -134,13 +137,21 @@ class Broker(Protocol):
 
 
 class BrokerPolicy:
-    """The agent's broker rules, shared by the embedded broker's plugin.
+    """The agent's broker rules, decided here and applied by the embedded broker's plugin.
+
+    Every decision that refuses something is recorded as a :class:`DeniedOperation` (shown
+    as a ``DENIED`` line by ``keeper-task dev``); every accepted publish as a
+    :class:`BrokerMessage`.
 
     Args:
         job_lookup: Returns the job with that id, or None.
         registry: The launched-process registry (process trust).
         recorder: Where denials and messages are recorded.
         require_trusted: Refuse connections from processes the emulator did not launch.
+        client_id_check: An extra client-id rule for behaviours the agent might have (its
+            client-id format is not documented): ``(client_id, job_id, job_name, pid)``
+            returns why the connection is refused, or None to accept. It runs after the job
+            id (the first ``_`` segment) was found to name a known, enabled job.
     """
 
     def __init__(
@@ -150,16 +161,23 @@ class BrokerPolicy:
         recorder: Recorder,
         *,
         require_trusted: bool = True,
+        client_id_check: ClientIdCheck | None = None,
     ) -> None:
         self.job_lookup = job_lookup
         self.registry = registry
         self.recorder = recorder
         self.require_trusted = require_trusted
         self.local_port = 0
+        #: Optional client-id rule (``client_id, job_id, job_name, pid -> why refused``), set
+        #: from :class:`~keeper_task.emulator.behaviour.AgentBehaviour`.
+        self.client_id_check: ClientIdCheck | None = client_id_check
+        #: Accepted connections: client id -> the PID behind it (None when not looked up).
+        self.connected: dict[str, int | None] = {}
 
-    def _deny(
+    def deny(
         self, action: str, client_id: str | None, job_id: str | None, topic: str | None, why: str
     ) -> None:
+        """Record a refused operation (``connect``, ``publish`` or ``subscribe``)."""
         self.recorder.add(DeniedOperation(action, client_id, job_id, topic, why))
 
     def authenticate(self, client_id: str | None, peer_port: int | None) -> bool:
@@ -167,7 +185,7 @@ class BrokerPolicy:
         job_id = job_id_of_client(client_id)
         job = self.job_lookup(job_id) if job_id else None
         if job is None:
-            self._deny(
+            self.deny(
                 "connect",
                 client_id,
                 None,
@@ -177,8 +195,15 @@ class BrokerPolicy:
             )
             return False
         if not job.enabled:
-            self._deny("connect", client_id, job_id, None, f"job {job_id!r} is disabled")
+            self.deny("connect", client_id, job_id, None, f"job {job_id!r} is disabled")
             return False
+        pid: int | None = None
+        if self.client_id_check is not None and client_id is not None and job_id is not None:
+            pid = self.registry.identify(peer_port, self.local_port)[0] if peer_port else None
+            why = self.client_id_check(client_id, job_id, job.name, pid)
+            if why is not None:
+                self.deny("connect", client_id, job_id, None, why)
+                return False
         if self.require_trusted:
             pid, trusted = (
                 self.registry.identify(peer_port, self.local_port) if peer_port else (None, False)
@@ -189,17 +214,21 @@ class BrokerPolicy:
                     if pid is not None
                     else "the connecting process was not launched by the agent"
                 )
-                self._deny("connect", client_id, job_id, None, why)
+                self.deny("connect", client_id, job_id, None, why)
                 return False
+        if client_id:
+            self.connected[client_id] = pid
         return True
 
-    def allow(self, client_id: str | None, topic: str, action: str) -> bool:
-        """Decide a publish or subscribe against the job's ``mqttTopics``."""
+    def refusal(self, client_id: str | None, topic: str, action: str) -> str | None:
+        """Why a publish or subscribe is outside the job's ``mqttTopics`` (None: allowed).
+
+        Pure: records nothing (see :meth:`allow` and :meth:`received`).
+        """
         job_id = job_id_of_client(client_id)
         job = self.job_lookup(job_id) if job_id else None
         if job is None:
-            self._deny(action, client_id, job_id, topic, "the client id names no known job")
-            return False
+            return "the client id names no known job"
         topics = job.mqtt_topics
         if action == "publish":
             allowed = list(topics.allowed_publications) if topics else []
@@ -208,16 +237,32 @@ class BrokerPolicy:
             allowed = list(topics.allowed_subscriptions) if topics else []
             field_name = "allowedSubscriptions"
         if topic_allowed(topic, allowed):
-            return True
-        self._deny(
-            action,
-            client_id,
-            job_id,
-            topic,
+            return None
+        return (
             f"{topic!r} is not in mqttTopics.{field_name} of job {job_id!r}; the agent drops "
-            "it silently",
+            "it silently"
         )
+
+    def allow(self, client_id: str | None, topic: str, action: str) -> bool:
+        """Decide a publish or subscribe against the job's ``mqttTopics``; record a denial."""
+        why = self.refusal(client_id, topic, action)
+        if why is None:
+            return True
+        self.deny(action, client_id, job_id_of_client(client_id), topic, why)
         return False
+
+    def received(
+        self, client_id: str | None, topic: str, payload: bytes, qos: int, retain: bool
+    ) -> bool:
+        """Record a PUBLISH the broker received from a client: accepted or denied.
+
+        Returns:
+            Whether it was accepted.
+        """
+        if not self.allow(client_id, topic, "publish"):
+            return False
+        self.record(client_id, topic, payload, qos, retain)
+        return True
 
     def record(
         self, client_id: str | None, topic: str, payload: bytes, qos: int, retain: bool
@@ -232,78 +277,150 @@ class BrokerPolicy:
 
 # --- embedded amqtt --------------------------------------------------------------------------
 
+# amqtt loads plugins by dotted path; the class is built on first use (amqtt is imported only
+# when an embedded broker starts) and bound to this module name.
+_PLUGIN_NAME = "KeeperBrokerPlugin"
+_PLUGIN_PATH = f"{__name__}.{_PLUGIN_NAME}"
+
+
+class _PluginLink:
+    """Hands the policy to the plugin amqtt instantiates, and the plugin back to us."""
+
+    def __init__(self, policy: BrokerPolicy) -> None:
+        self.policy = policy
+        self.plugin: Any = None
+
 
 def _plugin_class() -> type[Any]:
-    """Build the amqtt plugin class lazily (amqtt is imported only when a broker starts)."""
+    """Build (once) the amqtt plugin that applies :class:`BrokerPolicy` through public hooks.
+
+    * ``authenticate`` decides each CONNECT (CONNACK "not authorized" when refused);
+    * ``topic_filtering`` decides each SUBSCRIBE (SUBACK 0x80 when refused) and each PUBLISH
+      (not forwarded when refused; the client got its PUBACK and keeps its connection);
+    * ``on_mqtt_packet_received`` records each PUBLISH as it arrives (QoS 2: at its PUBREL),
+      accepted or denied.
+
+    Recording at arrival rather than when amqtt forwards the message makes the record
+    independent of amqtt's delivery loop: amqtt 0.12 acknowledges a QoS 1 publish as soon as
+    it queues it, and a client that publishes a burst and disconnects at once has the rest of
+    its queue dropped unforwarded (measured: 1-9 of 20). The agent keeps them, so the emulator
+    records them; what amqtt forwards to *other subscribers* is still subject to that drop.
+    """
+    cls = globals().get(_PLUGIN_NAME)
+    if cls is not None:
+        return cls  # type: ignore[no-any-return]
+
+    from dataclasses import dataclass
+
     from amqtt.contexts import Action
+    from amqtt.mqtt.publish import PublishPacket
+    from amqtt.mqtt.pubrel import PubrelPacket
     from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
     class KeeperBrokerPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
-        """Hooks amqtt's authentication and topic checks to :class:`BrokerPolicy`."""
+        """Applies the emulator's :class:`BrokerPolicy` (see :func:`_plugin_class`)."""
 
-        policy: BrokerPolicy | None = None
+        @dataclass
+        class Config:
+            link: Any = None
+
+        def __init__(self, context: Any) -> None:
+            super().__init__(context)
+            link = self.config.link
+            if not isinstance(link, _PluginLink):
+                raise TypeError("KeeperBrokerPlugin needs its 'link' configuration")
+            link.plugin = self
+            self.policy = link.policy
+            # QoS 2 publishes wait for their PUBREL: (client id, packet id) -> PUBLISH.
+            self.pending: dict[tuple[str, int], Any] = {}
+            # Clients amqtt no longer serves after a publish it treats as a protocol error.
+            self.stopped: dict[str, str] = {}
+            # Set at each client disconnect (EmbeddedBroker.drain waits on it).
+            self.disconnects = asyncio.Event()
 
         async def authenticate(self, *, session: Any) -> bool | None:
-            if self.policy is None:
-                return False
             return self.policy.authenticate(session.client_id, session.remote_port)
 
         async def topic_filtering(
             self, *, session: Any = None, topic: str | None = None, action: Any = None
         ) -> bool | None:
-            if self.policy is None or topic is None:
+            if action == Action.RECEIVE:
+                return True  # delivery to a subscriber: its SUBSCRIBE was checked
+            if session is None or topic is None:
                 return False
-            if action == Action.RECEIVE or session is None:
-                return True
-            kind = "publish" if action == Action.PUBLISH else "subscribe"
-            return self.policy.allow(session.client_id, topic, kind)
+            if action == Action.PUBLISH:
+                # Recorded when it arrived (on_mqtt_packet_received); decide only.
+                return self.policy.refusal(session.client_id, topic, "publish") is None
+            return self.policy.allow(session.client_id, topic, "subscribe")
 
-        async def on_broker_message_broadcast(self, *, client_id: str, message: Any) -> None:
-            if self.policy is None:
+        async def on_mqtt_packet_received(self, *, packet: Any, session: Any = None) -> None:
+            client_id = getattr(session, "client_id", None)
+            if client_id is None:
+                return  # CONNECT, before the session exists
+            if isinstance(packet, PublishPacket):
+                if packet.qos == 2:
+                    self.pending[(client_id, packet.packet_id)] = packet
+                elif not (packet.qos == 0 and packet.dup_flag):  # amqtt ignores those
+                    self._arrived(client_id, packet)
+            elif isinstance(packet, PubrelPacket):
+                publish = self.pending.pop((client_id, packet.packet_id), None)
+                if publish is not None:
+                    self._arrived(client_id, publish)
+
+        async def on_broker_client_connected(self, *, client_id: str, **_kw: Any) -> None:
+            self.stopped.pop(client_id, None)
+
+        async def on_broker_client_disconnected(self, *, client_id: str, **_kw: Any) -> None:
+            for key in [k for k in self.pending if k[0] == client_id]:
+                del self.pending[key]
+            self.policy.connected.pop(client_id, None)
+            self.disconnects.set()
+
+        def _arrived(self, client_id: str, packet: Any) -> None:
+            topic = packet.topic_name or ""
+            job_id = job_id_of_client(client_id)
+            if client_id in self.stopped:
+                self.policy.deny(
+                    "publish",
+                    client_id,
+                    job_id,
+                    topic,
+                    "the broker no longer serves this connection since "
+                    f"{self.stopped[client_id]} (the client must reconnect)",
+                )
                 return
-            packet = getattr(message, "publish_packet", None)
-            retain = bool(packet is not None and packet.retain_flag)
-            self.policy.record(
-                client_id, message.topic, message.data or b"", message.qos or 0, retain
+            problem = _protocol_problem(topic)
+            if problem is not None:
+                self.stopped[client_id] = f"its publish to {topic!r}"
+                self.policy.deny("publish", client_id, job_id, topic, problem)
+                return
+            self.policy.received(
+                client_id,
+                topic,
+                bytes(packet.data or b""),
+                int(packet.qos or 0),
+                bool(packet.retain_flag),
             )
 
+    KeeperBrokerPlugin.__module__ = __name__
+    KeeperBrokerPlugin.__qualname__ = _PLUGIN_NAME
+    globals()[_PLUGIN_NAME] = KeeperBrokerPlugin
     return KeeperBrokerPlugin
 
 
-_PLUGIN_PATH = "keeper_task.emulator.broker.KeeperBrokerPlugin"
-
-
-def _broker_class() -> type[Any]:
-    """amqtt's Broker, fixed so a client's last messages are not lost at disconnect.
-
-    amqtt 0.12 acknowledges a QoS 1 publish when it queues it, but its client loop stops at
-    DISCONNECT and drops what is still queued: a task that publishes a burst and exits would
-    lose its last log lines (measured: 1-9 of 20). The agent's broker delivers them, so the
-    emulator delivers the queue before handling the disconnect.
-    """
-    from amqtt.broker import Broker as AmqttBroker
-
-    class _DeliveringBroker(AmqttBroker):  # type: ignore[misc]
-        async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
-            await super()._client_message_loop(client_session, handler)
-            # After the loop: the message it was handling went first, the rest keep order.
-            queue = client_session.delivered_message_queue
-            loop = asyncio.get_running_loop()
-            while not queue.empty():
-                done = loop.create_future()
-                done.set_result(queue.get_nowait())
-                await self._handle_message_delivery(client_session, handler, done)
-
-    return _DeliveringBroker
-
-
-def __getattr__(name: str) -> Any:
-    # amqtt loads plugins by dotted path; build the class on first access.
-    if name == "KeeperBrokerPlugin":
-        cls = _plugin_class()
-        globals()["KeeperBrokerPlugin"] = cls
-        return cls
-    raise AttributeError(name)
+def _protocol_problem(topic: str) -> str | None:
+    """Why amqtt treats a PUBLISH to ``topic`` as a protocol error (None: it does not)."""
+    if not is_valid_topic(topic):
+        return (
+            f"{topic!r} is not a valid topic name (empty, or with '+'/'#'); the broker stops "
+            "serving the connection"
+        )
+    if topic.startswith("$"):
+        return (
+            "topics starting with '$' are reserved for the broker (MQTT 4.7.2); the broker "
+            "stops serving the connection"
+        )
+    return None
 
 
 class EmbeddedBroker:
@@ -312,6 +429,10 @@ class EmbeddedBroker:
     kind = "embedded"
     enforces = True
 
+    #: Attempts to find a free port when none was given (another process may take the one
+    #: picked before amqtt binds it).
+    PORT_ATTEMPTS = 5
+
     def __init__(self, state: EmulatorState, policy: BrokerPolicy, *, port: int = 0) -> None:
         self.state = state
         self.policy = policy
@@ -319,6 +440,7 @@ class EmbeddedBroker:
         self.port = port
         self.tls = True
         self._broker: Any = None
+        self._link: _PluginLink | None = None
 
     @property
     def running(self) -> bool:
@@ -327,65 +449,109 @@ class EmbeddedBroker:
     async def start(self) -> None:
         if self._broker is not None:
             return
+        # amqtt reports no bound address, so a free port is chosen here, once; a restart
+        # reuses it (clients reconnect to the address they were given).
+        fixed = self.port != 0
+        for attempt in range(1 if fixed else self.PORT_ATTEMPTS):
+            port = self.port if fixed else _free_port()
+            try:
+                broker, link = await self._start_on(port)
+            except EmulatorError:
+                if fixed or attempt == self.PORT_ATTEMPTS - 1:
+                    raise
+                continue
+            self.port = port
+            self.policy.local_port = port
+            self._broker, self._link = broker, link
+            return
+
+    async def _start_on(self, port: int) -> tuple[Any, _PluginLink]:
+        from amqtt.broker import Broker as AmqttBroker
+
+        _plugin_class()
         certfile, keyfile = self.state.broker_cert_files()
+        link = _PluginLink(self.policy)
         config = {
             "listeners": {
                 "default": {
                     "type": "tcp",
-                    "bind": f"127.0.0.1:{self.port}",
+                    "bind": f"127.0.0.1:{port}",
                     "ssl": True,
                     "certfile": str(certfile),
                     "keyfile": str(keyfile),
                 }
             },
             "timeout_disconnect_delay": 2,
-            "plugins": {_PLUGIN_PATH: {}},
+            # Only this plugin: no anonymous access, no $SYS publisher, no packet logger.
+            "plugins": {_PLUGIN_PATH: {"link": link}},
         }
-        broker = _broker_class()(config, plugin_namespace="keeper_task.emulator.broker")
-        for plugin in broker.plugins_manager.plugins:
-            if type(plugin).__name__ == "KeeperBrokerPlugin":
-                plugin.policy = self.policy
+        broker = AmqttBroker(config, plugin_namespace=__name__)
         try:
             await broker.start()
         except Exception as exc:  # amqtt wraps every start failure in BrokerError
             raise EmulatorError(
-                f"embedded MQTT broker cannot listen on 127.0.0.1:{self.port}: {_root(exc)}"
+                f"embedded MQTT broker cannot listen on 127.0.0.1:{port}: {_root(exc)}"
             ) from exc
-        server = broker._servers["default"].instance  # amqtt exposes no public accessor
-        self.port = server.sockets[0].getsockname()[1]
-        self.policy.local_port = self.port
-        self._broker = broker
+        if link.plugin is None:  # amqtt did not load it: nothing would be enforced
+            with contextlib.suppress(Exception):
+                await broker.shutdown()
+            raise EmulatorError("embedded MQTT broker: amqtt did not load the emulator's plugin")
+        return broker, link
 
     async def stop(self) -> None:
         broker, self._broker = self._broker, None
+        self._link = None
         if broker is not None:
             with contextlib.suppress(Exception):
                 await broker.shutdown()
 
     async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
-        if self._broker is None:
+        link = self._link
+        if self._broker is None or link is None:
             raise EmulatorError("the embedded broker is stopped")
         self.policy.record(None, topic, payload, qos, False)
-        await self._broker.internal_message_broadcast(topic, payload, qos)
+        await link.plugin.context.broadcast_message(topic, payload, qos)
 
     async def drain(self, timeout: float) -> None:
-        broker = self._broker
-        if broker is None:
+        """Wait until what exited clients sent is read and recorded (at most ``timeout`` s).
+
+        Each PUBLISH is recorded by a plugin event amqtt schedules when it reads the packet,
+        before it sends the PUBACK: waiting for amqtt's scheduled plugin events covers all a
+        client saw acknowledged. A client whose process has exited may still have unread
+        packets (QoS 0 needs no acknowledgement) until amqtt reads its end of stream, so
+        connections of exited processes are waited for too.
+        """
+        broker, link = self._broker, self._link
+        if broker is None or link is None:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        # A client that got its PUBACK and disconnected may still have messages queued in its
-        # session; they are delivered (and recorded) within a few loop iterations.
-        while loop.time() < deadline:
-            busy = any(
-                not session.delivered_message_queue.empty()
-                for session, _handler in list(broker._sessions.values())
-            )
-            if not busy:
-                break
-            await asyncio.sleep(0.005)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(broker.plugins_manager.wait_fired_events(), timeout=timeout)
+        while True:
+            link.plugin.disconnects.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    broker.plugins_manager.wait_fired_events(),
+                    timeout=max(0.0, deadline - loop.time()),
+                )
+            exited = [
+                cid
+                for cid, pid in list(self.policy.connected.items())
+                if pid is not None and not _alive(pid)
+            ]
+            remaining = deadline - loop.time()
+            if not exited or remaining <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(link.plugin.disconnects.wait(), timeout=remaining)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 # --- subscriber used to record publishes on brokers that do not tell us -----------------
