@@ -9,11 +9,14 @@ re-raised ``from`` the original so the cause stays in the traceback::
     ├── SettingsError                invalid settings / environment / TLS    exit 78
     ├── AgentError                   the agent's HTTPS API                   exit 69
     │   ├── AgentUnreachableError    connection, TLS, timeout, 5xx           exit 69
+    │   │   ├── AgentNotListeningError  connection refused                   exit 69
+    │   │   └── AgentTimeoutError    the whole request took too long         exit 69
     │   ├── NotTrustedError          403: the caller is on the wrong tier    exit 77
     │   ├── NotFoundError            404                                     exit 68
     │   │   ├── PluginNotFoundError  unknown plugin name                     exit 68
     │   │   └── JobNotFoundError     unknown job id                          exit 68
-    │   ├── ValidationFailedError    400 with the agent's ``errors`` array   exit 69
+    │   ├── RequestRejectedError     4xx other than 403/404                  exit 70
+    │   │   └── ValidationFailedError  400 with the agent's ``errors`` array  exit 70
     │   └── AgentResponseError       any other status, or a malformed body   exit 69
     ├── MqttError                    the agent's MQTT broker                 exit 75
     │   ├── BrokerUnavailableError   cannot connect / connection refused     exit 75
@@ -45,7 +48,9 @@ from keeper_task.exit_codes import ExitCode, signal_exit_code
 
 __all__ = [
     "AgentError",
+    "AgentNotListeningError",
     "AgentResponseError",
+    "AgentTimeoutError",
     "AgentUnreachableError",
     "BrokerUnavailableError",
     "BuildError",
@@ -60,6 +65,7 @@ __all__ = [
     "NotTrustedError",
     "PluginNotFoundError",
     "PublishError",
+    "RequestRejectedError",
     "SettingsError",
     "TaskFailed",
     "TaskInterrupted",
@@ -119,6 +125,14 @@ class AgentUnreachableError(AgentError):
     exit_code = ExitCode.AGENT_UNREACHABLE
 
 
+class AgentNotListeningError(AgentUnreachableError):
+    """Connection refused: nothing listens on the agent's port (wrong port, or no agent)."""
+
+
+class AgentTimeoutError(AgentUnreachableError):
+    """A request did not finish (connect, TLS, headers and whole body) within its timeout."""
+
+
 class NotTrustedError(AgentError):
     """The agent answered 403: TLS worked, the caller is not on the endpoint's tier."""
 
@@ -141,7 +155,18 @@ class JobNotFoundError(NotFoundError):
     """``/api/Jobs/{id}`` answered 404: the agent knows no job with that id."""
 
 
-class ValidationFailedError(AgentError):
+class RequestRejectedError(AgentError):
+    """The agent answered 4xx (not 403/404): it refused the request as sent.
+
+    The request, not the agent's availability, is at fault (a value the agent rejects, a
+    method or content type it does not take), so a task ends with 70 like any other error
+    escaping ``run()``, not with 69 ("agent unreachable").
+    """
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
+
+class ValidationFailedError(RequestRejectedError):
     """The agent answered 400; ``errors`` holds the agent's error list, if it sent one."""
 
     def __init__(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,8 +74,10 @@ def test_no_client_certificate_is_refused_with_a_clear_message(
     message = str(info.value)
     assert "requires a client certificate for the Admin tier and none was given" in message
     assert "--cert" in message
+    # One mapping boundary: the stdlib's TLS alert -> our error -> the refusal explained.
     assert isinstance(info.value.__cause__, AgentUnreachableError)
-    assert isinstance(info.value.__cause__.__cause__, httpx.ReadError)
+    assert isinstance(info.value.__cause__.__cause__, ssl.SSLError)
+    assert "CERTIFICATE_REQUIRED" in str(info.value.__cause__.__cause__)
     assert server.requests == []
 
 
@@ -134,7 +138,7 @@ def test_silent_hang_up_after_the_handshake_is_a_refused_certificate(pki: AdminP
         "certificate issued for this agent (issued by a CA the agent trusts, not expired)"
     )
     assert isinstance(info.value.__cause__, AgentUnreachableError)
-    assert isinstance(info.value.__cause__.__cause__, httpx.RemoteProtocolError)
+    assert isinstance(info.value.__cause__.__cause__, http.client.RemoteDisconnected)
     assert "requires a client certificate for the Admin tier and none was given" in str(
         bare_info.value
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from keeper_task.agent.plugin_settings import PluginSettingsClient
 from keeper_task.agent.retry import RetryPolicy, set_testing
 from keeper_task.agent_settings import AgentSettings
 from keeper_task.errors import (
+    AgentNotListeningError,
     AgentResponseError,
+    AgentTimeoutError,
     AgentUnreachableError,
     NotTrustedError,
     PluginNotFoundError,
+    RequestRejectedError,
     SettingsError,
     ValidationFailedError,
 )
@@ -196,12 +200,14 @@ def test_put_of_a_value_json_cannot_encode_is_a_type_error(agent, client):
 
 
 def test_put_rejected_with_400_is_a_validation_error_not_retried(agent, client):
-    """A 400 on PUT is ValidationFailedError carrying the agent's errors, sent once."""
+    """A 400 on PUT is ValidationFailedError carrying the agent's errors, sent once; it ends
+    a task with 70 (a request the agent rejects), never 69 ("agent unreachable")."""
     agent.fail(400, body={"errors": ["value must be a number"]})
     with pytest.raises(ValidationFailedError, match="value must be a number") as info:
         client.put("KeeperPrivilegeManager", "broker.port", "x")
     assert info.value.errors == ["value must be a number"]
     assert len(agent.requests) == 1
+    assert info.value.exit_code == ExitCode.UNCAUGHT_EXCEPTION == 70
 
 
 def test_revert_posts_to_the_plugin_revert_path(agent, client):
@@ -306,13 +312,18 @@ def test_404_is_plugin_not_found_and_not_retried(agent, client):
     assert retry_events(logs) == []
 
 
-@pytest.mark.parametrize("status", [400, 401])
-def test_400_and_401_are_not_retried(agent, client, status):
-    """400 and 401 fail on the first request: waiting cannot fix them."""
+@pytest.mark.parametrize(
+    ("status", "error"), [(400, ValidationFailedError), (401, RequestRejectedError)]
+)
+def test_400_and_401_are_not_retried_and_exit_70(agent, client, status, error):
+    """400 and 401 fail on the first request (waiting cannot fix them) and map to exit 70:
+    the request is at fault, not the agent's availability (69)."""
     agent.fail(status)
-    with pytest.raises((ValidationFailedError, AgentResponseError)):
+    with pytest.raises(error) as info:
         client.get_all("KeeperPrivilegeManager")
     assert len(agent.requests) == 1
+    assert info.value.exit_code == ExitCode.UNCAUGHT_EXCEPTION == 70
+    assert info.value.status_code == status
 
 
 def test_500_is_retried_then_succeeds(agent, client):
@@ -349,36 +360,126 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_connection_refused_is_retried_then_agent_unreachable():
-    """A closed port is retried within the budget, then AgentUnreachableError (exit 69)."""
+def test_refused_connection_gets_the_short_budget_then_one_line():
+    """Nothing listening: retried only for refused_budget (not the 30 s budget), then one
+    line naming the port and Settings:KestrelHttpsPort, exit 69; attempts = warnings + 1."""
+    port = closed_port()
+    policy = RetryPolicy(budget=30.0, refused_budget=0.5)
     with (
-        PluginSettingsClient(
-            f"https://127.0.0.1:{closed_port()}", retry=RetryPolicy(budget=3.0)
-        ) as c,
+        set_testing(False),
+        PluginSettingsClient(f"https://127.0.0.1:{port}", retry=policy) as c,
         capture_logs() as logs,
-        pytest.raises(AgentUnreachableError, match="cannot connect") as info,
+        pytest.raises(AgentNotListeningError) as info,
     ):
-        c.get_all("KeeperPrivilegeManager")
+        started = time.monotonic()
+        try:
+            c.get_all("KeeperPrivilegeManager")
+        finally:
+            elapsed = time.monotonic() - started
     events = retry_events(logs)
+    message = str(info.value)
+    assert message.startswith(
+        f"nothing listens on 127.0.0.1:{port} — is this running under the agent? the port is "
+        "Settings:KestrelHttpsPort"
+    )
+    assert "\n" not in message
+    assert f"refused on {len(events) + 1} attempts" in message
     assert len(events) >= 1
-    assert all(e["status"] is None and e["error"] == "AgentUnreachableError" for e in events)
-    assert f"gave up after {len(events) + 1} attempts" in str(info.value)
+    assert all(e["error"] == "AgentNotListeningError" for e in events)
+    assert info.value.exit_code == ExitCode.AGENT_UNREACHABLE == 69
+    # Never before the refused budget is spent; far below the 30 s budget.
+    assert policy.refused_budget <= elapsed < 10 * policy.refused_budget
+
+
+def test_5xx_keeps_the_whole_budget_when_refused_budget_is_short(agent):
+    """The short refused budget does not cut a 503 short: it is retried for the whole budget."""
+    agent.fail(503)
+    policy = RetryPolicy(budget=1.0, refused_budget=0.05)
+    with (
+        set_testing(False),
+        PluginSettingsClient(agent.server.base_url, timeout=2.0, retry=policy) as c,
+        pytest.raises(AgentUnreachableError) as info,
+    ):
+        started = time.monotonic()
+        try:
+            c.get_all("KeeperPrivilegeManager")
+        finally:
+            elapsed = time.monotonic() - started
+    assert f"gave up after {len(agent.requests)} attempts" in str(info.value)
+    assert elapsed >= policy.budget  # never gives up while budget is left
+    assert elapsed < policy.budget + 2.0  # at most one request timeout past it
+
+
+@pytest.mark.parametrize("drip_headers", [False, True], ids=["body", "headers"])
+def test_a_drip_fed_answer_is_bounded_by_the_request_timeout(agent, drip_headers):
+    """An agent that drips its answer one byte per 0.25 s cannot stretch a request past
+    --http-timeout (one deadline for connect, TLS, headers and body), nor the call past the
+    budget plus one request timeout."""
+    timeout, budget = 1.0, 3.0
+    agent.server.dripped = 0
+    agent.server.route(
+        "GET",
+        r"/api/PluginSettings/Dripping",
+        Response(200, {"k": "v" * 200}, drip=0.25, drip_headers=drip_headers),
+    )
+    policy = RetryPolicy(budget=budget)
+    with (
+        set_testing(False),
+        PluginSettingsClient(agent.server.base_url, timeout=timeout, retry=policy) as c,
+        capture_logs() as logs,
+        pytest.raises(AgentTimeoutError) as info,
+    ):
+        started = time.monotonic()
+        try:
+            c.get_all("Dripping")
+        finally:
+            elapsed = time.monotonic() - started
+    attempts = len(agent.requests)
+    assert attempts == len(retry_events(logs)) + 1 >= 2
+    assert f"gave up after {attempts} attempts" in str(info.value)
+    assert "did not finish within 1 s" in str(info.value)
     assert info.value.exit_code == ExitCode.AGENT_UNREACHABLE
+    assert budget <= elapsed <= budget + 2 * timeout
+    assert agent.server.dripped > 0  # the server did drip (the fault really happened)
+
+
+def test_403_forever_with_a_short_budget_is_77_with_every_attempt_counted(agent):
+    """403 forever, 1 s budget, real sleeping: exit 77 once the budget is spent (not before,
+    not more than one request timeout after), and the message counts what the server saw."""
+    agent.fail(403)
+    policy = RetryPolicy(budget=1.0)
+    with (
+        set_testing(False),
+        PluginSettingsClient(agent.server.base_url, timeout=2.0, retry=policy) as c,
+        capture_logs() as logs,
+        pytest.raises(NotTrustedError) as info,
+    ):
+        started = time.monotonic()
+        try:
+            c.get_all("KeeperPrivilegeManager")
+        finally:
+            elapsed = time.monotonic() - started
+    attempts = len(agent.requests)
+    assert attempts == len(retry_events(logs)) + 1 >= 2
+    assert f"403 on {attempts} attempts over " in str(info.value)
+    assert info.value.exit_code == ExitCode.NOT_TRUSTED == 77
+    assert policy.budget <= elapsed < policy.budget + 2.0
 
 
 def test_timeouts_are_retried_then_agent_unreachable(agent):
-    """A request that times out is retried inside the budget, then AgentUnreachableError."""
+    """A request that times out is retried inside the budget, then AgentTimeoutError (69)."""
     agent.hang()
     with (
         PluginSettingsClient(
             agent.server.base_url, timeout=0.2, retry=RetryPolicy(budget=0.8)
         ) as c,
         capture_logs() as logs,
-        pytest.raises(AgentUnreachableError, match="timed out"),
+        pytest.raises(AgentTimeoutError, match="did not finish within 0.2 s") as info,
     ):
         c.get_all("KeeperPrivilegeManager")
     assert len(retry_events(logs)) >= 1
-    assert len(agent.requests) >= 2
+    assert len(agent.requests) == len(retry_events(logs)) + 1
+    assert info.value.exit_code == ExitCode.AGENT_UNREACHABLE
 
 
 def test_zero_budget_disables_retrying(agent):

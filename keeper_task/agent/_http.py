@@ -1,8 +1,11 @@
 """The one boundary between httpx and keeper-task's error tree.
 
-Both agent clients (Plugin tier and Admin tier) send requests through :class:`AgentHttp`,
-which maps every httpx exception and every non-2xx status to an :mod:`keeper_task.errors`
-class, re-raised ``from`` the original.
+Both agent clients (Plugin tier and Admin tier) send requests through :class:`AgentHttp`.
+The default transport (:mod:`keeper_task.agent._transport`) raises keeper-task errors
+itself; an httpx transport a caller passes in (``httpx.MockTransport``,
+``httpx.HTTPTransport``) raises httpx errors, which :data:`_HTTPX_ERRORS` maps, once, to the
+same classes. Every non-2xx status is mapped here too. Each mapped error is re-raised
+``from`` the original.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from urllib.parse import quote
 
 import httpx
 
-from keeper_task.agent._transport import StdlibTransport
+from keeper_task.agent._transport import AgentTransport, agent_error
 from keeper_task.errors import (
     AgentResponseError,
     AgentUnreachableError,
     NotFoundError,
     NotTrustedError,
+    RequestRejectedError,
     ValidationFailedError,
 )
 from keeper_task.tls import client_ssl_context
@@ -82,9 +86,9 @@ class AgentHttp(_ClosesOnExit):
             if ssl_context is None:
                 ssl_context = client_ssl_context(host=httpx.URL(self.base_url).host)
             # Our own SSLContext (never certifi: 60-90 ms; it also carries the client
-            # certificate, which httpx 0.28 drops when given as cert=) on a stdlib
-            # http.client transport (httpcore's import costs ~15 ms of every cold start).
-            transport = StdlibTransport(ssl_context=ssl_context)
+            # certificate, which httpx 0.28 drops when given as cert=) on our transport:
+            # a whole-request deadline, and no httpcore import (see its module docstring).
+            transport = AgentTransport(ssl_context=ssl_context)
         self._client = httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
@@ -124,33 +128,8 @@ class AgentHttp(_ClosesOnExit):
             kwargs["headers"] = {"Content-Type": "application/json"}
         try:
             response = self._client.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise AgentUnreachableError(
-                f"{method} {url} timed out; is the agent running and listening there?", url=url
-            ) from exc
-        except httpx.ConnectError as exc:
-            if certificate_failure(exc) is not None:
-                raise AgentUnreachableError(
-                    f"TLS certificate of the agent at {self.base_url} was not accepted "
-                    f"({_reason(exc)}); pass the CA bundle your administrator exported "
-                    "(--ca-bundle), or none to use unverified TLS on loopback",
-                    url=url,
-                ) from exc
-            raise AgentUnreachableError(
-                f"cannot connect to the agent at {self.base_url}: {_reason(exc)}; check the "
-                "port (Settings:KestrelHttpsPort) and that the agent service runs",
-                url=url,
-            ) from exc
-        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
-            # Under TLS 1.3 the server checks the client certificate after the handshake, so
-            # a rejected certificate shows up here, on the first read, not as ConnectError.
-            raise AgentUnreachableError(
-                f"the agent at {self.base_url} closed the connection ({_reason(exc)}); "
-                "if this is an Admin-tier call, the client certificate was probably rejected",
-                url=url,
-            ) from exc
         except httpx.HTTPError as exc:
-            raise AgentUnreachableError(f"{method} {url} failed: {_reason(exc)}", url=url) from exc
+            raise _from_httpx(exc, method, url, self._client.timeout) from exc
         self._raise_for_status(response, method, url, not_found, what)
         return response
 
@@ -181,6 +160,12 @@ class AgentHttp(_ClosesOnExit):
             raise ValidationFailedError(
                 f"the agent rejected {subject} (400): {detail}",
                 errors=errors,
+                status_code=status,
+                url=url,
+            )
+        if 400 <= status < 500:
+            raise RequestRejectedError(
+                f"the agent rejected {subject} ({status}): {_snippet(response)}",
                 status_code=status,
                 url=url,
             )
@@ -222,12 +207,50 @@ def decode_json(response: httpx.Response, what: str) -> Any:
         ) from exc
 
 
+#: httpx error (from a caller's httpx transport) -> kind of :func:`agent_error`; first match
+#: wins. A ``ConnectError`` is refined by what caused it (see :func:`_httpx_kind`).
+_HTTPX_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
+    (httpx.TimeoutException, "timeout"),
+    (httpx.ConnectError, "connect"),
+    (httpx.NetworkError, "dropped"),
+    (httpx.RemoteProtocolError, "dropped"),
+)
+
+
+def _httpx_kind(exc: httpx.HTTPError) -> str | None:
+    for exc_type, kind in _HTTPX_ERRORS:
+        if isinstance(exc, exc_type):
+            if kind == "connect" and _in_chain(exc, ConnectionRefusedError) is not None:
+                return "refused"
+            if kind == "connect" and certificate_failure(exc) is not None:
+                return "certificate"
+            return kind
+    return None
+
+
+def _from_httpx(
+    exc: httpx.HTTPError, method: str, url: str, timeout: httpx.Timeout
+) -> AgentUnreachableError:
+    kind = _httpx_kind(exc)
+    if kind is None:
+        return AgentUnreachableError(f"{method} {url} failed: {_reason(exc)}", url=url)
+    limits = [timeout.connect, timeout.read, timeout.write]
+    seconds = max((t for t in limits if t is not None), default=None)
+    return agent_error(kind, method=method, url=url, reason=_reason(exc), timeout=seconds)
+
+
 def certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """Return the certificate-verification error behind ``exc``, if that is what it is.
 
-    httpcore hides the :mod:`ssl` error in ``__context__`` (it raises ``from None``), so the
-    whole chain is searched.
+    The whole chain (``__cause__`` and ``__context__``) is searched.
     """
+    return _in_chain(exc, ssl.SSLCertVerificationError)
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _in_chain(exc: BaseException, wanted: type[_E]) -> _E | None:
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -235,7 +258,7 @@ def certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | No
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
+        if isinstance(current, wanted):
             return current
         todo += [current.__cause__, current.__context__]
     return None

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from keeper_task.agent._http import AgentClient, AgentHttp, decode_json, path_segment
+from keeper_task.agent._transport import ConnectFailedError, ConnectionDroppedError
 from keeper_task.errors import (
     AgentResponseError,
     AgentUnreachableError,
@@ -382,14 +383,13 @@ class JobsClient(AgentClient):
 
     def _certificate_refusal(self, exc: AgentUnreachableError) -> str | None:
         """Explain a TLS-level refusal of our client certificate, or None if it is not one."""
-        cause = exc.__cause__
-        dropped = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
-        if not isinstance(cause, (httpx.ConnectError, *dropped)):
-            return None
-        text = _chain_text(cause).lower()
+        dropped = isinstance(exc, ConnectionDroppedError)
+        if not (dropped or isinstance(exc, ConnectFailedError)):
+            return None  # refused, timed out, 5xx: not a certificate problem
+        text = _chain_text(exc).lower()
         cert_alert = any(s in text for s in _CERT_REQUIRED + _CERT_REFUSED)
-        if not cert_alert and isinstance(cause, httpx.ConnectError):
-            return None  # refused connection, wrong port: not a certificate problem
+        if not cert_alert and not dropped:
+            return None  # a failed connect without a certificate alert: wrong port, no TLS
         if not self.has_client_cert:
             return (
                 f"the agent at {self.base_url} requires a client certificate for the Admin tier "
@@ -403,7 +403,7 @@ class JobsClient(AgentClient):
                 "TLS handshake; use the admin certificate issued for this agent "
                 "(issued by a CA the agent trusts, not expired)"
             )
-        if isinstance(cause, dropped):
+        if dropped:
             # Some TLS 1.3 servers (asyncio-based ones among them) drop the connection after a
             # failed client-certificate check without a readable alert: the client only sees
             # the server hang up before answering. Over TLS to the Admin tier, with a

@@ -1,10 +1,12 @@
 """Client of the agent's Plugin Settings API (``/api/PluginSettings``, Plugin tier).
 
 Only a process the agent launched may call it. Right after the launch the agent may not have
-registered the PID yet and answers 403 for a moment, so every call retries 403, 5xx and
-connection failures with jittered exponential backoff inside a time budget (see
-:mod:`keeper_task.agent.retry`). Errors that retrying cannot fix (400, 401, 404, a malformed
-body, a rejected certificate) end the call at once.
+registered the PID yet and answers 403 for a moment, so every call retries 403, 5xx, timeouts
+and dropped connections with jittered exponential backoff inside a time budget (see
+:mod:`keeper_task.agent.retry`). A refused connection is retried only within the policy's
+shorter ``refused_budget``: the agent's API is up before it launches a task, so nothing
+listening means a wrong port or no agent. Errors that retrying cannot fix (400 and other 4xx,
+404, a malformed body, a rejected certificate) end the call at once.
 
 Three parts of the API are undocumented; the choices made here are:
 
@@ -37,6 +39,7 @@ from keeper_task.agent._http import (
 from keeper_task.agent.retry import RetryPolicy, call_with_retry
 from keeper_task.errors import (
     AgentError,
+    AgentNotListeningError,
     AgentResponseError,
     AgentUnreachableError,
     NotFoundError,
@@ -65,9 +68,10 @@ class PluginSettingsClient(AgentClient):
             ``https://127.0.0.1:6889``.
         ssl_context: TLS context (:func:`keeper_task.client_ssl_context`); default: the
             loopback policy (unverified TLS, loopback only).
-        timeout: Seconds per request.
-        retry: Retry policy; default :class:`RetryPolicy` (30 s budget). Each call gets its own
-            budget. ``RetryPolicy(budget=0)`` disables retrying.
+        timeout: Seconds per request: one deadline for connect, TLS, headers and whole body.
+        retry: Retry policy; default :class:`RetryPolicy` (30 s budget, 3 s for a refused
+            connection). Each call gets its own budget. ``RetryPolicy(budget=0)`` disables
+            retrying.
         logger: A structlog-style logger; each retry is one ``agent.retry`` warning.
         transport: An httpx transport (``httpx.MockTransport`` in unit tests).
         value_body: Builds the ``PUT`` body from a value; default :func:`default_value_body`.
@@ -171,7 +175,9 @@ class PluginSettingsClient(AgentClient):
         Raises:
             TypeError: ``value_body(value)`` cannot be encoded as JSON.
             PluginNotFoundError: 404.
-            ValidationFailedError: 400, the agent rejected the value.
+            ValidationFailedError: 400, the agent rejected the value (exit 70 when it ends
+                a task: the request, not the agent's availability, is at fault).
+            RequestRejectedError: Another 4xx (not 403/404), exit 70 likewise.
             NotTrustedError: 403 past the retry budget.
             AgentUnreachableError: Connection, TLS, timeout or 5xx past the retry budget.
         """
@@ -275,10 +281,17 @@ class PluginSettingsClient(AgentClient):
             attempt,
             policy=self.retry,
             retry_on=self._retryable,
+            budget_for=self._budget_for,
             on_retry=on_retry,
             on_give_up=on_give_up,
             clock=time.monotonic,
         )
+
+    def _budget_for(self, exc: Exception) -> float:
+        """Refused connections get the short budget; everything else the whole one."""
+        if isinstance(exc, AgentNotListeningError):
+            return self.retry.refused_budget
+        return self.retry.budget
 
     def _retryable(self, exc: Exception) -> bool:
         """403 before the first answer (registration window), 5xx, refused, timed out."""
@@ -303,11 +316,24 @@ def _give_up_error(exc: Exception, attempts: int, elapsed: float, what: str) -> 
             status_code=exc.status_code,
             url=exc.url,
         )
+    if isinstance(exc, AgentNotListeningError):
+        return AgentNotListeningError(
+            f"nothing listens on {_host_port(exc.url)} — is this running under the agent? the "
+            f"port is Settings:KestrelHttpsPort (connection refused on {tries}; "
+            "--connect-retry-timeout)",
+            url=exc.url,
+        )
     if isinstance(exc, AgentUnreachableError):
-        return AgentUnreachableError(
+        return type(exc)(
             f"{exc.message} (gave up after {tries})", status_code=exc.status_code, url=exc.url
         )
     return None
+
+
+def _host_port(url: str) -> str:
+    parsed = httpx.URL(url)
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{host}:{parsed.port or 443}"
 
 
 def _not_found_message(plugin: str, setting: str | None) -> str:

@@ -2,11 +2,14 @@
 
 Used for the agent's startup window: a task the agent just launched can get 403 from the
 Plugin-tier API until its PID lands in the launched-process registry, and the agent may still
-be starting (connection refused, 5xx). The agent documents no numbers, so the defaults are our
-choice: 0.25 s doubling up to 5 s, for at most 30 s in total.
+be starting (5xx). The agent documents no numbers, so the defaults are our choice: 0.25 s
+doubling up to 5 s, for at most 30 s in total; a refused connection only for 3 s (the agent's
+API is up before it launches a task, so "refused" means a wrong port or no agent).
 
-The budget is a promise about wall time: a retry is only started when the time already spent
-plus the next delay stays inside it; otherwise the last error is raised.
+The budget is one monotonic deadline that includes the last attempt: a retryable error is
+retried as long as any budget is left, and the last wait is shortened to end at the
+deadline, so the call gives up only once the budget is spent and finishes at most one
+attempt (one request timeout) after it.
 
 Tests switch sleeping off with :func:`set_testing` (modelled on ``stamina.set_testing``): no
 call sleeps, yet each delay still counts against the budget (on a virtual clock), so the number
@@ -19,12 +22,13 @@ of attempts is the one production would make, and the retries still reach ``on_r
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from keeper_task.errors import SettingsError
 
@@ -36,8 +40,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-Jitter = Literal["full", "decorrelated", "none"]
 
 #: ``on_retry(attempt, delay, exc)``: called before each retry's sleep; ``attempt`` is the
 #: 1-based number of the attempt that just failed.
@@ -52,39 +54,39 @@ OnGiveUp = Callable[[int, float, Exception], "BaseException | None"]
 class RetryPolicy:
     """How long and how often to retry.
 
+    Each delay is drawn uniformly from ``[0, step]`` ("full jitter"), where ``step`` starts
+    at ``initial_delay`` and grows by ``multiplier`` per failed attempt up to ``max_delay``:
+    concurrent tasks that the agent refused together do not come back together.
+
     Attributes:
-        budget: Total seconds a call may spend, retries and delays included. 0 disables
-            retrying.
+        budget: Total seconds a call may keep retrying, delays included; the attempt started
+            last may end up to one request timeout later. 0 disables retrying.
+        refused_budget: Seconds (from the start of the call, at most ``budget``) during
+            which a refused connection is retried.
         initial_delay: The first backoff step (seconds).
         multiplier: Growth of the backoff step per attempt.
-        max_delay: Cap of one delay (seconds).
-        jitter: ``"full"``: each delay is uniform in ``[0, step]`` where ``step`` is
-            ``min(max_delay, initial_delay * multiplier ** (attempt - 1))``.
-            ``"decorrelated"``: uniform in ``[initial_delay, 3 * previous delay]``, capped at
-            ``max_delay`` (``multiplier`` is not used). ``"none"``: exactly ``step``.
+        max_delay: Cap of one step (seconds).
     """
 
     budget: float = 30.0
+    refused_budget: float = 3.0
     initial_delay: float = 0.25
     multiplier: float = 2.0
     max_delay: float = 5.0
-    jitter: Jitter = "full"
 
     def __post_init__(self) -> None:
-        if not self.budget >= 0:
-            raise SettingsError(f"retry budget must be >= 0 seconds, not {self.budget}")
-        if not self.initial_delay > 0:
+        for name in ("budget", "refused_budget"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SettingsError(f"retry {name} must be a finite number >= 0, not {value}")
+        if not (math.isfinite(self.initial_delay) and self.initial_delay > 0):
             raise SettingsError(f"retry initial_delay must be > 0, not {self.initial_delay}")
-        if not self.multiplier >= 1:
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
             raise SettingsError(f"retry multiplier must be >= 1, not {self.multiplier}")
-        if not self.max_delay >= self.initial_delay:
+        if not (math.isfinite(self.max_delay) and self.max_delay >= self.initial_delay):
             raise SettingsError(
                 f"retry max_delay ({self.max_delay}) must be >= initial_delay "
                 f"({self.initial_delay})"
-            )
-        if self.jitter not in ("full", "decorrelated", "none"):
-            raise SettingsError(
-                f"retry jitter must be 'full', 'decorrelated' or 'none', not {self.jitter!r}"
             )
 
     def step(self, attempt: int) -> float:
@@ -99,34 +101,14 @@ class RetryPolicy:
                 return self.max_delay
         return min(value, self.max_delay)
 
-    def delay(
-        self, attempt: int, previous: float | None = None, rng: random.Random | None = None
-    ) -> float:
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Return the delay before the retry that follows failed attempt ``attempt``.
 
         Args:
             attempt: 1-based number of the attempt that failed.
-            previous: The delay chosen before the previous retry (decorrelated jitter).
             rng: Source of randomness; the module's shared generator by default.
         """
-        uniform = (rng or random).uniform
-        if self.jitter == "none":
-            return self.step(attempt)
-        if self.jitter == "full":
-            return uniform(0.0, self.step(attempt))
-        # Decorrelated jitter (AWS architecture blog): grows from the previous delay, which
-        # spreads concurrent clients apart better than a shared exponential schedule.
-        upper = max(self.initial_delay, 3.0 * (previous or self.initial_delay))
-        return min(self.max_delay, uniform(self.initial_delay, upper))
-
-    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
-        """Yield the (endless) sequence of delays; the budget is not applied here."""
-        previous: float | None = None
-        attempt = 0
-        while True:
-            attempt += 1
-            previous = self.delay(attempt, previous, rng)
-            yield previous
+        return (rng or random).uniform(0.0, self.step(attempt))
 
 
 # --- testing switch -------------------------------------------------------------------------
@@ -198,6 +180,7 @@ def call_with_retry(
     *,
     policy: RetryPolicy,
     retry_on: Callable[[Exception], bool],
+    budget_for: Callable[[Exception], float] | None = None,
     on_retry: OnRetry | None = None,
     on_give_up: OnGiveUp | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -210,6 +193,8 @@ def call_with_retry(
         fn: The call to make; takes no arguments.
         policy: Delays and budget.
         retry_on: True for an error worth retrying; other errors propagate at once.
+        budget_for: The budget (seconds from the start) for this error, if it is shorter
+            than ``policy.budget`` (the refused-connection budget, for example).
         on_retry: Called as ``on_retry(attempt, delay, exc)`` before each retry.
         on_give_up: Called as ``on_give_up(attempts, elapsed, exc)`` when a retryable error
             meets a spent budget; an error it returns is raised ``from exc``.
@@ -226,7 +211,6 @@ def call_with_retry(
     start = clock()
     skipped = 0.0  # delays not slept in testing mode, still charged to the budget
     attempt = 0
-    previous: float | None = None
     while True:
         attempt += 1
         try:
@@ -234,20 +218,31 @@ def call_with_retry(
         except Exception as exc:
             if not retry_on(exc):
                 raise
-            delay = policy.delay(attempt, previous, rng)
             elapsed = clock() - start + skipped
-            capped = _TESTING.enabled and _TESTING.attempts is not None
-            out_of_attempts = capped and attempt >= (_TESTING.attempts or 0)
-            if out_of_attempts or elapsed + delay > policy.budget:
-                if on_give_up is not None:
-                    replacement = on_give_up(attempt, elapsed, exc)
-                    if replacement is not None:
-                        raise replacement from exc
+            budget = policy.budget if budget_for is None else min(policy.budget, budget_for(exc))
+            left = budget - elapsed
+            if left <= 0 or _out_of_attempts(attempt):
+                _give_up(on_give_up, attempt, elapsed, exc)
                 raise
+            # Never give up while budget is left: the last wait ends at the deadline.
+            delay = min(policy.delay(attempt, rng), left)
             if on_retry is not None:
                 on_retry(attempt, delay, exc)
             if _TESTING.enabled:
                 skipped += delay
             else:
                 sleep(delay)
-            previous = delay
+
+
+def _out_of_attempts(attempt: int) -> bool:
+    cap = _TESTING.attempts if _TESTING.enabled else None
+    return cap is not None and attempt >= cap
+
+
+def _give_up(on_give_up: OnGiveUp | None, attempts: int, elapsed: float, exc: Exception) -> None:
+    """Raise what ``on_give_up`` offers instead of ``exc``, chained to it; else return."""
+    if on_give_up is None:
+        return
+    replacement = on_give_up(attempts, elapsed, exc)
+    if replacement is not None:
+        raise replacement from exc

@@ -37,6 +37,10 @@ class Response:
     status: int = 200
     body: Any = None  # dict/list -> JSON; bytes/str sent as is
     headers: dict[str, str] = field(default_factory=dict)
+    #: Fault: send one byte every ``drip`` seconds (the body; with ``drip_headers`` the
+    #: status line and headers too) until done, the client hangs up, or the server stops.
+    drip: float | None = None
+    drip_headers: bool = False
 
 
 Handler = Callable[[Request], Response]
@@ -60,6 +64,8 @@ class HttpsServer:
         self.ca = ca
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self.requests: list[Request] = []
+        self.stopping = threading.Event()
+        self.dripped = 0  # bytes sent by dripping responses
         self._lock = threading.Lock()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(*hostnames).configure_cert(ctx)
@@ -95,6 +101,9 @@ class HttpsServer:
                     data = b""
                 else:
                     data = json.dumps(payload).encode()
+                if resp.drip is not None:
+                    self._drip(resp, data, ctype)
+                    return
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.headers.get("Content-Type", ctype))
                 self.send_header("Content-Length", str(len(data)))
@@ -103,6 +112,25 @@ class HttpsServer:
                         self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _drip(self, resp: Response, data: bytes, ctype: str) -> None:
+                head = (
+                    f"HTTP/1.1 {resp.status} Dripping\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode()
+                slow = head + data if resp.drip_headers else data
+                self.close_connection = True
+                try:
+                    if not resp.drip_headers:
+                        self.wfile.write(head)
+                    for i in range(len(slow)):
+                        if outer.stopping.wait(resp.drip):
+                            return
+                        self.wfile.write(slow[i : i + 1])
+                        with outer._lock:
+                            outer.dripped += 1
+                except OSError:
+                    return  # the client gave up: what the fault is there to provoke
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
@@ -136,6 +164,7 @@ class HttpsServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
