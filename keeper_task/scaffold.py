@@ -48,6 +48,7 @@ __all__ = [
     "ProjectSpec",
     "create_project",
     "current_os",
+    "detect_keeper_task_spec",
     "job_definition",
     "job_file_name",
     "make_spec",
@@ -55,7 +56,8 @@ __all__ = [
     "templates_root",
 ]
 
-#: Dependency line written into a new project's pyproject.toml.
+#: Dependency line of a new project when nothing better is known (see
+#: :func:`detect_keeper_task_spec`).
 DEFAULT_KEEPER_TASK_SPEC = "keeper-task>=0.1"
 
 #: The OS names ``--os`` accepts, in the order job files are written.
@@ -109,6 +111,8 @@ class ProjectSpec:
     publishes: tuple[str, ...] = ()
     keeper_task_spec: str = DEFAULT_KEEPER_TASK_SPEC
     title: str = field(default="")
+    #: Why the keeper-task requirement is what it is (one sentence for the README).
+    keeper_task_origin: str = field(default="")
 
     @property
     def event_topic(self) -> str:
@@ -219,12 +223,84 @@ def _check_spec_line(spec: str) -> str:
 
 
 def _with_dev_extra(spec: str) -> str:
-    """``keeper-task>=0.1`` -> ``keeper-task[dev]>=0.1`` (same source, plus the emulator)."""
+    """``keeper-task>=0.1`` -> ``keeper-task[emulator]>=0.1`` (same source, plus the emulator)."""
     match = _SPEC_RE.match(spec)
     rest = match.group("rest").strip() if match else ""
     if rest.startswith("@"):
-        return f"keeper-task[dev] {rest}"
-    return f"keeper-task[dev]{rest}"
+        return f"keeper-task[emulator] {rest}"
+    return f"keeper-task[emulator]{rest}"
+
+
+def _version_range(version: str) -> str:
+    """``0.1.0`` -> ``keeper-task>=0.1.0,<0.2``; ``1.4.2`` -> ``keeper-task>=1.4.2,<2``."""
+    parts = [int(p) for p in re.findall(r"\d+", version.partition("+")[0])[:3]] or [0]
+    parts += [0] * (3 - len(parts))
+    base = ".".join(str(p) for p in parts)
+    upper = f"0.{parts[1] + 1}" if parts[0] == 0 else str(parts[0] + 1)
+    return f"keeper-task>={base},<{upper}"
+
+
+def detect_keeper_task_spec() -> tuple[str, str]:
+    """The keeper-task requirement a new project needs to get *this* keeper-task, and why.
+
+    Read from the running keeper-task's install record (PEP 610 ``direct_url.json``):
+
+    * installed from a package index (no record): a version range around this version;
+    * from a local checkout, directory or wheel (``file:`` URL; editable or not): a direct
+      reference to it (``keeper-task @ file:///...``), which no index would resolve;
+    * from a VCS or an archive URL: a direct reference to that URL (and commit).
+
+    Returns:
+        ``(requirement, one sentence saying where it points and why)``.
+    """
+    from importlib import metadata
+
+    from keeper_task import __version__
+
+    try:
+        dist = metadata.distribution("keeper-task")
+    except metadata.PackageNotFoundError:
+        return (
+            _version_range(__version__),
+            f"keeper-task {__version__} runs from source without being installed, so the "
+            "project asks a package index for a compatible version",
+        )
+    raw = dist.read_text("direct_url.json")
+    info: dict[str, object] = {}
+    if raw:
+        try:
+            loaded = json.loads(raw)
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, dict):
+            info = loaded
+    url = info.get("url")
+    if not isinstance(url, str) or not url:
+        return (
+            _version_range(dist.version),
+            f"keeper-task {dist.version} was installed from a package index, so the project "
+            "asks the index for a compatible version",
+        )
+    vcs = info.get("vcs_info")
+    if isinstance(vcs, dict) and isinstance(vcs.get("vcs"), str):
+        commit = vcs.get("commit_id")
+        ref = f"@{commit}" if isinstance(commit, str) and commit else ""
+        return (
+            f"keeper-task @ {vcs['vcs']}+{url}{ref}",
+            f"keeper-task was installed from {vcs['vcs']} ({url}), so the project installs "
+            "that same revision",
+        )
+    if url.startswith("file:"):
+        kind = "wheel" if url.endswith(".whl") else "local checkout"
+        return (
+            f"keeper-task @ {url}",
+            f"keeper-task was installed from a {kind} ({url}), which no package index holds, "
+            "so the project installs it from there",
+        )
+    return (
+        f"keeper-task @ {url}",
+        f"keeper-task was installed from {url}, so the project installs it from there",
+    )
 
 
 def make_spec(
@@ -235,6 +311,7 @@ def make_spec(
     oses: Sequence[str] | None = None,
     publishes: Sequence[str] = (),
     keeper_task_spec: str = DEFAULT_KEEPER_TASK_SPEC,
+    keeper_task_origin: str = "",
 ) -> ProjectSpec:
     """Validate the names of a new project and derive the missing ones.
 
@@ -245,6 +322,7 @@ def make_spec(
         oses: OSes to write job files for (default: all three).
         publishes: Extra topics the task publishes.
         keeper_task_spec: The keeper-task requirement of the new project.
+        keeper_task_origin: Why that requirement (a sentence for the generated README).
 
     Raises:
         UsageError: A name, OS or topic is not acceptable; the message says why.
@@ -279,6 +357,8 @@ def make_spec(
         publishes=tuple(topics),
         keeper_task_spec=_check_spec_line(keeper_task_spec),
         title=title,
+        keeper_task_origin=keeper_task_origin
+        or "the requirement was given when the project was created",
     )
 
 
@@ -342,6 +422,7 @@ def template_values(spec: ProjectSpec) -> dict[str, str]:
         "event_topic": spec.event_topic,
         "keeper_task_spec": spec.keeper_task_spec,
         "keeper_task_dev_spec": _with_dev_extra(spec.keeper_task_spec),
+        "keeper_task_origin": spec.keeper_task_origin,
         "extra_publishes": extra,
         "topics_list": ", ".join(f"`{t}`" for t in spec.topics),
         "oses": ",".join(spec.oses),

@@ -137,26 +137,30 @@ def test_dev_run_reports_denied_publishes_and_exit_code(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "expected"),
+    ("name", "content", "expected", "code"),
     [
-        ("missing", None, "not found"),
-        ("malformed", '{"id": "x",', "malformed JSON"),
-        ("underscore", json.dumps(job_data("bad_id")), "_"),
+        ("missing", None, "not found", 64),
+        ("malformed", '{"id": "x",', "malformed JSON", 78),
+        ("underscore", json.dumps(job_data("bad_id")), "_", 78),
         (
             "no-binary",
             json.dumps(job_data("no-binary")),
             "task binary for command 'probe' not found",
+            69,
         ),
     ],
 )
-def test_dev_run_bad_inputs_give_one_line(tmp_path: Path, name, content, expected) -> None:
-    """Missing/invalid job file, '_' in the id, missing binary: one error line, non-zero exit."""
+def test_dev_run_bad_inputs_give_one_line(
+    tmp_path: Path, name: str, content: str | None, expected: str, code: int
+) -> None:
+    """Missing job file (a usage error, 64), invalid job file, '_' in the id, missing binary:
+    one error line and the documented exit code."""
     job = tmp_path / "jobs" / f"{name}.json"
     job.parent.mkdir()
     if content is not None:
         job.write_text(content)
     result = _cli("dev", "run", str(job), tmp=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == code, result.stderr
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert expected in errors[0]
@@ -376,7 +380,7 @@ def test_dev_run_unstartable_task_gives_one_line(tmp_path: Path, case: str) -> N
         "task-not-on-path": "'no-such-tool-x' is not a file and not found on PATH",
         "task-path-missing": f"{tmp_path}/nowhere/tool does not exist",
         "not-executable": "is not executable; run `chmod +x",
-        "dir": "is a directory",
+        "dir": f"no job to run in {job.parent}: expected a project made by keeper-task new",
     }[case]
     if case == "task-not-on-path":
         args += ["--task", "no-such-tool-x --flag"]
@@ -390,7 +394,8 @@ def test_dev_run_unstartable_task_gives_one_line(tmp_path: Path, case: str) -> N
     else:
         args = ["dev", "run", str(job.parent)]
     result = _cli(*args, tmp=tmp_path)
-    assert result.returncode != 0
+    # A bad --task or a directory without a job: usage errors; a job's unusable binary: 69.
+    assert result.returncode == (69 if case == "not-executable" else 64), result.stderr
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert expected in errors[0]
@@ -449,3 +454,193 @@ def test_dev_run_output_pairs_log_copies_by_whole_document() -> None:
         *(f"[KeeperLogger] Information item rank={rank}" for rank in (1, 2, 3, 4)),
         "[stderr] Information item rank=5",
     ]
+
+
+def test_dev_run_without_argument_runs_the_projects_source(tmp_path: Path) -> None:
+    """In a project made by `keeper-task new`, `dev run` (no argument) runs this OS's job
+    from the project's source, says which job and which executable, and shows the task's
+    KeeperLogger lines; `dev run DIR` does the same from elsewhere."""
+    from keeper_task import scaffold
+
+    spec = scaffold.make_spec("demo-task")
+    project = tmp_path / "demo-task"
+    scaffold.create_project(spec, project)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    for key in ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE", "PYTHONPATH"):
+        env.pop(key, None)
+    host = scaffold.current_os()
+    for cwd, args in ((project, []), (tmp_path, ["demo-task"])):
+        result = run_captured(
+            [sys.executable, "-m", "keeper_task.cli", "dev", "run", *args],
+            env=env,
+            cwd=cwd,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        where = f"{args[0]}/" if args else ""
+        assert result.stderr.splitlines()[:2] == [
+            f"keeper-task: job {where}jobs/{host}/demo-task.json (the project's job for {host} "
+            "(pyproject.toml))",
+            f"keeper-task: task run: running {sys.executable} -m demo_task (no 'DemoTask' "
+            f"binary yet: the project's source {where}src/demo_task with this Python; "
+            "`keeper-task build` makes the binary)",
+        ]
+        logs = [ln for ln in result.stdout.splitlines() if ln.startswith("[KeeperLogger]")]
+        started = "[KeeperLogger] Information demo_task.started task=DemoTask dry_run=false"
+        assert started in logs, result.stdout
+        assert "--- job demo-task: succeeded" in result.stdout
+    _assert_clean(tmp_path)
+
+
+def test_dev_run_names_a_binary_found_under_the_agent_root(tmp_path: Path) -> None:
+    """A binary at Jobs/bin/<command>/<command> under --agent-root is the one launched, and
+    the line says so (not the project's source, not PATH)."""
+    from keeper_task import scaffold
+
+    scaffold.create_project(scaffold.make_spec("demo-task"), tmp_path / "demo-task")
+    project = tmp_path / "demo-task"
+    binary = project / "dist" / "Jobs" / "bin" / "DemoTask" / "DemoTask"
+    binary.parent.mkdir(parents=True)
+    binary.write_text(f"#!/bin/sh\nPYTHONPATH='{project / 'src'}' exec '{sys.executable}' "
+                      '-m demo_task "$@"\n')  # fmt: skip
+    binary.chmod(0o755)
+    result = _cli("dev", "run", str(project), "--agent-root", str(project / "dist"), tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    running = [ln for ln in result.stderr.splitlines() if ": running " in ln]
+    assert running == [
+        f"keeper-task: task run: running {binary} (Jobs/bin/DemoTask/ under the agent root "
+        f"{project / 'dist'})"
+    ]
+    assert "demo_task.finished" in result.stdout
+    _assert_clean(tmp_path)
+
+
+def test_dev_run_loads_a_plugins_folder_beside_the_job(tmp_path: Path) -> None:
+    """examples/plugin_settings runs as its README line shows: its plugins/ folder is loaded
+    (without it the plugin is unknown and the task exits 68)."""
+    result = _cli("dev", "run", "examples/plugin_settings/job.json", tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "keeper-task: plugin settings from examples/plugin_settings/plugins" in result.stderr
+    assert "settings.written" in result.stdout
+    _assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "missing command after 'keeper-task': one of new, dev,"),
+        (["dev"], "missing command after 'keeper-task dev': one of run, agent"),
+        (["dev", "run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["dev", "run", "nowhere.json"], "job file nowhere.json not found"),
+        (["dev", "run", str(HELLO), "--setting", "novalue"], "expected KEY=VALUE"),
+        (["dev", "run", str(HELLO), "--timeout", "0"], "--timeout must be > 0"),
+        (["dev", "run", str(HELLO), "--task", "no-such-tool-x"], "not found on PATH"),
+        (["dev", "run", str(HELLO), "--context", "{"], "--context"),
+        (["new", "bad_name"], "contains '_'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_64(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """Everything wrong before a run starts: one `keeper-task: error:` line, exit 64."""
+    result = _cli(*args, tmp=tmp_path)
+    assert result.returncode == 64, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("keeper-task: error: ") and expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_dev_agent_takes_port_6889_else_warns_and_takes_a_free_one(tmp_path: Path) -> None:
+    """`dev agent` serves on the agent's port 6889; when it is taken, a one-line warning
+    names the port used instead."""
+    from keeper_task.cli.dev import AGENT_PORT
+
+    holder: socket.socket | None = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", AGENT_PORT))
+        holder.listen()
+    except OSError:  # something else holds 6889 already: the fallback is what we test
+        holder.close()
+        holder = None
+    proc = _start_dev_agent(tmp_path / "state")
+    try:
+        lines = _lines_of(proc)
+        serving = _wait_line(lines, lambda ln: ln.startswith("keeper-task dev agent: serving"))
+        port = int(serving.rsplit(":", 1)[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        if holder is not None:
+            holder.close()
+    assert port != AGENT_PORT
+    warnings = [ln for ln in stderr.splitlines() if "warning" in ln]
+    assert warnings == [
+        f"keeper-task: warning: port {AGENT_PORT} (the agent's) is in use; serving on {port} "
+        f"instead: pass --url https://127.0.0.1:{port} to keeper-task job and deploy.sh"
+    ]
+    # Free again: the agent's port is taken.
+    proc = _start_dev_agent(tmp_path / "state")
+    try:
+        serving = _wait_line(
+            _lines_of(proc), lambda ln: ln.startswith("keeper-task dev agent: serving")
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+    if holder is not None:  # we held it, so it is ours to check now
+        assert serving == f"keeper-task dev agent: serving https://127.0.0.1:{AGENT_PORT}"
+        assert "warning" not in stderr
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_dev_run_output_follows_event_time_not_arrival() -> None:
+    """A task's log burst arrives after the publish it made in between: lines are shown by
+    event time (log timestamps, arrival time otherwise), each held the ordering window."""
+    import io
+
+    from keeper_task.cli.dev import _Printer
+    from keeper_task.emulator import BrokerMessage, OutputLine
+    from keeper_task.log_schema import format_timestamp
+
+    def log(message: str, at: float) -> bytes:
+        body = {"timestamp": format_timestamp(at), "level": "Information", "message": message}
+        return json.dumps(body).encode()
+
+    out, err = io.StringIO(), io.StringIO()
+    printer = _Printer(out, err, verbose=False, window=3600)  # nothing released before flush
+    base = 1_700_000_000.0
+    printer(BrokerMessage("Jobs/x/events", b'{"event":"started"}', time=base + 0.010))
+    printer(BrokerMessage("KeeperLogger", log("connected", base + 0.001), time=base + 0.060))
+    printer(BrokerMessage("KeeperLogger", log("item", base + 0.020), time=base + 0.061))
+    printer(OutputLine("run-1", "t", "stdout", "plain print", time=base + 0.015))
+    assert out.getvalue() == ""  # held back: a later arrival may still belong before
+    printer.flush()
+    assert out.getvalue().splitlines() == [
+        "[KeeperLogger] Information connected",
+        '[mqtt Jobs/x/events] {"event":"started"}',
+        "[stdout] plain print",
+        "[KeeperLogger] Information item",
+    ]
+
+    # With a short window, lines are released by the writer thread without a flush.
+    class Watched(io.StringIO):
+        written = threading.Event()
+
+        def write(self, text: str) -> int:
+            count = super().write(text)
+            self.written.set()
+            return count
+
+    out2 = Watched()
+    streaming = _Printer(out2, err, verbose=False, window=0.05)
+    streaming(OutputLine("run-1", "t", "stdout", "live"))
+    assert out2.written.wait(200 * 0.05)  # a generous multiple of the window
+    assert out2.getvalue() == "[stdout] live\n"

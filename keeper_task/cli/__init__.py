@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from keeper_task.errors import KeeperTaskError, UsageError
 
 __all__ = ["main"]
 
 # Sub-command modules, in the order --help lists them.
-_COMMAND_MODULES = ("new", "dev", "job", "build")
+_COMMAND_MODULES = ("new", "dev", "job", "build", "doctor")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    parser.set_defaults(func=missing_command(parser.prog, subparsers))
     return parser
+
+
+def missing_command(prog: str, subparsers: Any) -> Callable[[argparse.Namespace], int]:
+    """A ``func`` for a parser whose sub-command was left out: one usage-error line, exit 64."""
+
+    def _fail(_args: argparse.Namespace) -> int:
+        names = ", ".join(subparsers.choices)
+        raise UsageError(f"missing command after '{prog}': one of {names} (see {prog} --help)")
+
+    return _fail
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,11 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(args_list)
-        func = getattr(args, "func", None)
-        if func is None:
-            parser.print_help(sys.stderr)
-            return 64
-        return int(func(args))
+        return int(args.func(args))
     except KeeperTaskError as exc:
         print(f"keeper-task: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)

@@ -1,18 +1,28 @@
 """``keeper-task dev``: run a job's task under the local agent emulator, or serve the emulator.
 
-``keeper-task dev run JOB.json`` starts the emulator (HTTPS API + MQTT broker), runs the job
-once as the agent's job runner would, streams the task's ``KeeperLogger`` messages, other
+``keeper-task dev run [JOB.json|DIR]`` starts the emulator (HTTPS API + MQTT broker), runs the
+job once as the agent's job runner would, shows the task's ``KeeperLogger`` messages, other
 publishes and output one line each, prints a summary and exits with the task's exit code
-(124 when it ran past its timeout). The task's binary is looked up as the agent does
+(124 when it ran past its timeout). Without a job file it runs the job of the project in DIR
+(default: the current directory) for this OS, ``jobs/<os>/<job id>.json`` as ``keeper-task
+new`` lays it out, or DIR's ``job.json``. The task's binary is looked up as the agent does
 (``Jobs/bin/<command>/<command>`` under the agent root, ``executablePath``, ``PATH``); when
-none exists, a ``task.py`` next to the job file is run with the current Python (an emulator
-convention for tasks not built yet). ``--task CMD`` replaces the executable outright.
+none exists, a project's source (``src/<package>``) or a ``task.py`` next to the job file is
+run with the current Python (emulator conventions for tasks not built yet). ``--task CMD``
+replaces the executable outright. One line names what was launched and how it was found.
+A ``plugins/`` folder beside the job file is the emulator's per-plugin settings directory
+unless ``--plugins-dir`` says otherwise.
 
-Before anything starts, ``dev run`` checks the job file and that the task can be started
-(each problem is one ``keeper-task: error:`` line). Ctrl-C or SIGTERM while the task runs
-kills its whole process tree, prints the summary and exits with 128+N (130, 143).
+Lines are shown in the order their events happened (see :class:`_Printer`), each held back
+:data:`ORDER_WINDOW` seconds for that.
 
-``keeper-task dev agent`` serves the emulator until Ctrl-C or SIGTERM and prints what a
+Before anything starts, ``dev run`` checks its options, the job file and that the task can
+be started; each problem is one ``keeper-task: error:`` line (bad options, a missing or
+unreadable job file: exit 64). Ctrl-C or SIGTERM while the task runs kills its whole process
+tree, prints the summary and exits with 128+N (130, 143).
+
+``keeper-task dev agent`` serves the emulator until Ctrl-C or SIGTERM, on the agent's port
+6889 when it is free (else on a free port, with a one-line warning), and prints what a
 deployment script needs: base URL, CA bundle, admin certificate and key, a curl line; runs
 started over the API (``trigger``, ``run``) get a ``[run]`` line when they start and end.
 """
@@ -20,6 +30,10 @@ started over the API (``trigger``, ``run``) get a ``[run]`` line when they start
 from __future__ import annotations
 
 import argparse
+import datetime
+import heapq
+import importlib
+import itertools
 import json
 import os
 import shlex
@@ -27,15 +41,27 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from keeper_task.cli import missing_command
 from keeper_task.cli.job import parse_context
 from keeper_task.errors import EmulatorError, JobDefinitionError, UsageError
 from keeper_task.exit_codes import signal_exit_code
 
-__all__ = ["register"]
+__all__ = ["AGENT_PORT", "register"]
+
+#: The agent's HTTPS port (``Settings:KestrelHttpsPort`` default); ``dev agent`` takes it when
+#: free so that ``keeper-task job`` and ``deploy.sh`` reach it with their default URL.
+AGENT_PORT = 6889
+
+#: Seconds each line is held back so that lines can be shown in the order their events
+#: happened: a task's log events reach the emulator in bursts (within 50 ms), its other
+#: publishes at once.
+ORDER_WINDOW = 0.25
 
 
 def register(subparsers: Any) -> None:
@@ -46,7 +72,7 @@ def register(subparsers: Any) -> None:
         description="Run job tasks locally under an emulator of the Keeper EPM agent.",
     )
     sub = dev.add_subparsers(title="commands", metavar="COMMAND", parser_class=type(dev))
-    dev.set_defaults(func=lambda _a: _help(dev))
+    dev.set_defaults(func=missing_command(dev.prog, sub))
 
     run = sub.add_parser(
         "run",
@@ -55,7 +81,15 @@ def register(subparsers: Any) -> None:
         "stream its KeeperLogger messages and output, print a summary, exit with the "
         "task's exit code.",
     )
-    run.add_argument("job", metavar="JOB.json", help="the job definition file")
+    run.add_argument(
+        "job",
+        metavar="JOB.json|DIR",
+        nargs="?",
+        default=None,
+        help="the job definition file, or a directory: a project made by `keeper-task new` "
+        "(its job for this OS) or a directory holding job.json (default: the current "
+        "directory)",
+    )
     run.add_argument(
         "--task",
         metavar="CMD",
@@ -80,7 +114,7 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="override every task's timeoutSeconds",
     )
-    _common(run)
+    _common(run, port_help="HTTPS port on 127.0.0.1 (default: a free port)")
     run.set_defaults(func=_run)
 
     agent = sub.add_parser(
@@ -99,18 +133,16 @@ def register(subparsers: Any) -> None:
         help="keep the CA, admin certificate and key here (default: a temporary directory "
         "removed at exit)",
     )
-    _common(agent)
-    agent.set_defaults(func=_agent)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=0,
-        metavar="P",
-        help="HTTPS port on 127.0.0.1 (default: a free port; the agent's is 6889)",
+    _common(
+        agent,
+        port_help=f"HTTPS port on 127.0.0.1 (default {AGENT_PORT}, the agent's, when free; "
+        "else a free port, with a warning; 0: a free port)",
     )
+    agent.set_defaults(func=_agent, port=None)
+
+
+def _common(parser: argparse.ArgumentParser, *, port_help: str) -> None:
+    parser.add_argument("--port", type=int, default=0, metavar="P", help=port_help)
     parser.add_argument(
         "--broker",
         default="embedded",
@@ -128,7 +160,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plugins-dir",
         metavar="DIR",
-        help="per-plugin settings JSON files (<name>.json) for revert/revert-all",
+        help="per-plugin settings JSON files (<name>.json) for revert/revert-all (dev run: "
+        "default the plugins/ folder beside the job file, when there is one)",
     )
     parser.add_argument(
         "--register-delay",
@@ -140,16 +173,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="also print every API request")
 
 
-def _help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 64
-
-
 # --- output ----------------------------------------------------------------------------------
 
 
 class _Printer:
-    """Prints emulator events, one line each (thread-safe: events come from the loop)."""
+    """Prints emulator events, one line each, in the order the events happened.
+
+    Events come from the emulator's loop thread. Each line is held back for
+    :data:`ORDER_WINDOW` seconds and lines are written in the order of their event's time:
+    a keeper-task log document by its own ``timestamp`` (milliseconds), anything else by the
+    time the emulator received it. A task hands its log events to stderr and KeeperLogger in
+    bursts but publishes other messages at once, so without this its last event (a
+    ``finished`` publish) would be shown before the log lines that preceded it. A writer
+    thread releases the lines; :meth:`flush` writes everything still held.
+    """
 
     def __init__(
         self,
@@ -159,6 +196,7 @@ class _Printer:
         verbose: bool,
         keeper_logger: bool = True,
         runs: bool = False,
+        window: float = ORDER_WINDOW,
     ) -> None:
         self.out = out
         self.err = err
@@ -171,24 +209,54 @@ class _Printer:
         # until its KeeperLogger copy arrives (then shown once, as [KeeperLogger]); events
         # that never arrive (startup failures, denied publishes) are shown by flush().
         self.keeper_logger = keeper_logger
+        self.window = window
         # Keyed by the whole log document: two events of one millisecond with the same
         # message name (a loop logging items) must not be mistaken for each other.
-        self._pending: dict[str, list[str]] = {}
+        self._pending: dict[str, list[tuple[float, str]]] = {}
         self._delivered: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        # (event time, arrival sequence, stream, text): a heap, earliest event first.
+        self._held: list[tuple[float, int, TextIO, str]] = []
+        self._seq = itertools.count()
+        self._writer: threading.Thread | None = None
 
     def flush(self) -> None:
-        """Show stderr events whose KeeperLogger copy never arrived."""
+        """Write every line still held, and stderr events whose KeeperLogger copy never came."""
         with self._lock:
-            pending = [text for texts in self._pending.values() for text in texts]
+            for texts in self._pending.values():
+                for at, text in texts:
+                    heapq.heappush(self._held, (at, next(self._seq), self.out, f"[stderr] {text}"))
             self._pending.clear()
-        for text in pending:
-            self._line(self.out, f"[stderr] {text}")
+            self._release(None)
 
-    def _line(self, stream: TextIO, text: str) -> None:
-        with self._lock:
+    def _release(self, now: float | None) -> None:
+        """Write held lines whose event is at least the window old (all when ``now`` is None).
+
+        Called with the lock held.
+        """
+        held = self._held
+        while held and (now is None or held[0][0] + self.window <= now):
+            _at, _seq, stream, text = heapq.heappop(held)
             stream.write(text + "\n")
             stream.flush()
+
+    def _write_loop(self) -> None:
+        with self._lock:
+            while True:
+                now = time.time()
+                self._release(now)
+                timeout = self._held[0][0] + self.window - now if self._held else None
+                self._lock.wait(timeout if timeout is None else max(timeout, 0.01))
+
+    def _line(self, stream: TextIO, text: str, at: float) -> None:
+        with self._lock:
+            heapq.heappush(self._held, (at, next(self._seq), stream, text))
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="keeper-task-dev-output", daemon=True
+                )
+                self._writer.start()
+            self._lock.notify()
 
     def __call__(self, event: object) -> None:
         from keeper_task.emulator import (
@@ -205,7 +273,10 @@ class _Printer:
             if self.runs:
                 if event.ended is not None:
                     self.flush()  # the run's unpaired stderr events, before its end line
-                self._line(self.out, _run_line(event))
+                    self._line(self.out, _run_line(event), event.ended)
+                    self.flush()
+                else:
+                    self._line(self.out, _run_line(event), event.started)
         elif isinstance(event, BrokerMessage):
             if event.topic == KEEPER_LOGGER_TOPIC:
                 key = _event_key(event.payload)
@@ -218,31 +289,53 @@ class _Printer:
                                 del self._pending[key]
                         else:
                             self._delivered[key] += 1
-                self._line(self.out, f"[KeeperLogger] {format_log(event.payload)}")
+                at = _event_time(event.payload, event.time)
+                self._line(self.out, f"[KeeperLogger] {format_log(event.payload)}", at)
             else:
-                self._line(self.out, f"[mqtt {event.topic}] {_snippet(event.text)}")
+                self._line(self.out, f"[mqtt {event.topic}] {_snippet(event.text)}", event.time)
         elif isinstance(event, OutputLine):
             text = event.text
+            at = event.time
             if text.startswith("{") and '"message"' in text:
                 # keeper-task tasks log JSON to a non-terminal stderr: show it readably.
                 key = _event_key(text.encode())
+                at = _event_time(text.encode(), event.time)
                 text = format_log(text.encode())
                 if key is not None and self.keeper_logger and event.stream == "stderr":
                     with self._lock:
                         if self._delivered[key] > 0:
                             self._delivered[key] -= 1
                         else:
-                            self._pending.setdefault(key, []).append(text)
+                            self._pending.setdefault(key, []).append((at, text))
                     return
-            self._line(self.out, f"[{event.stream}] {text}")
+            self._line(self.out, f"[{event.stream}] {text}", at)
         elif isinstance(event, DeniedOperation):
-            self._line(self.err, f"keeper-task: DENIED {event.describe()}")
+            self._line(self.err, f"keeper-task: DENIED {event.describe()}", event.time)
         elif isinstance(event, Notice):
-            self._line(self.err, f"keeper-task: {event.text}")
+            self._line(self.err, f"keeper-task: {event.text}", event.time)
         elif isinstance(event, RequestRecord) and self.verbose:
             who = f" ({event.caller})"
             fault = f" [fault: {event.fault}]" if event.fault else ""
-            self._line(self.out, f"[api] {event.method} {event.path} {event.status}{who}{fault}")
+            self._line(
+                self.out,
+                f"[api] {event.method} {event.path} {event.status}{who}{fault}",
+                event.time,
+            )
+
+
+def _event_time(payload: bytes, default: float) -> float:
+    """When a keeper-task log document says its event happened (``default`` otherwise)."""
+    try:
+        body = json.loads(payload)
+        stamp = body["timestamp"]
+        if not isinstance(stamp, str):
+            return default
+        moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except (ValueError, TypeError, KeyError):
+        return default
+    if moment.tzinfo is None:
+        return default
+    return moment.timestamp()
 
 
 def _run_line(run: Any) -> str:
@@ -300,7 +393,10 @@ def _settings(items: list[str]) -> dict[str, str]:
 
     out: dict[str, str] = {}
     for item in items:
-        plugin, key, value = parse_setting(item)
+        try:
+            plugin, key, value = parse_setting(item)
+        except EmulatorError as exc:
+            raise UsageError(exc.message) from exc
         out[f"{plugin}/{key}"] = value
     return out
 
@@ -352,17 +448,19 @@ class _Signals:
 def _check_runnable(executable: str, command: str | None, *, from_task_option: bool) -> None:
     """Fail with one line, before anything starts, when the task cannot be started."""
     origin = "--task" if from_task_option else f"task binary for command {command!r}"
+    # A bad --task is a usage error (64); a job whose binary is unusable is the emulator's.
+    error = UsageError if from_task_option else EmulatorError
     if os.sep in executable or (os.altsep is not None and os.altsep in executable):
         path = Path(executable)
         if not path.is_file():
-            raise EmulatorError(f"{origin}: {executable} does not exist")
+            raise error(f"{origin}: {executable} does not exist")
         if os.name != "nt" and not os.access(path, os.X_OK):
-            raise EmulatorError(
+            raise error(
                 f"{origin}: {executable} is not executable; run `chmod +x {executable}` "
                 "(the agent's service account must be able to execute it)"
             )
     elif shutil.which(executable) is None:
-        raise EmulatorError(f"{origin}: {executable!r} is not a file and not found on PATH")
+        raise error(f"{origin}: {executable!r} is not a file and not found on PATH")
 
 
 def _require_dev_extra() -> None:
@@ -378,17 +476,183 @@ def _require_dev_extra() -> None:
         ) from exc
 
 
+@dataclass(frozen=True)
+class _Project:
+    """A task project (``pyproject.toml`` with ``[tool.keeper-task]``, as ``keeper-task new``
+    writes it)."""
+
+    root: Path
+    job_id: str
+    task: str
+    jobs_dir: Path
+
+    @property
+    def package(self) -> str:
+        """The top-level package of the task (``demo_task`` for ``demo_task.task:DemoTask``)."""
+        return self.task.partition(":")[0].split(".")[0]
+
+    @property
+    def source_dir(self) -> Path:
+        """Where the package lives: ``src/`` (the template's layout), else the root."""
+        src = self.root / "src"
+        return src if (src / self.package).is_dir() else self.root
+
+    def source_command(self) -> list[str]:
+        """Runs the task from source with this Python: its package's ``__main__``, else the
+        task module (both call ``Task.main()`` in a generated project)."""
+        if (self.source_dir / self.package / "__main__.py").is_file():
+            return [sys.executable, "-m", self.package]
+        return [sys.executable, "-m", self.task.partition(":")[0]]
+
+
+def _tool_table(pyproject: Path) -> dict[str, Any] | None:
+    """The ``[tool.keeper-task]`` table of ``pyproject``, or None when it has none."""
+    try:
+        raw = pyproject.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {pyproject}: {exc.strerror or exc}") from exc
+    if b"[tool.keeper-task]" not in raw:
+        return None
+    # tomllib is 3.11+; tomli (the same parser) may be there on 3.10, else a minimal reader.
+    try:
+        toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    except ModuleNotFoundError:
+        return _tool_table_fallback(raw.decode("utf-8", errors="replace"))
+    try:
+        data: dict[str, Any] = toml.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {pyproject}: {exc}") from exc
+    table = data.get("tool", {}).get("keeper-task")
+    return table if isinstance(table, dict) else None
+
+
+def _tool_table_fallback(text: str) -> dict[str, Any] | None:
+    """``key = "value"`` lines of ``[tool.keeper-task]`` (Python 3.10 without tomli)."""
+    table: dict[str, Any] = {}
+    inside = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            inside = stripped == "[tool.keeper-task]"
+            continue
+        key, sep, value = stripped.partition("=")
+        if inside and sep and value.strip().startswith('"'):
+            table[key.strip()] = value.strip().split('"')[1]
+    return table or None
+
+
+def _read_project(root: Path) -> _Project | None:
+    """The project rooted at ``root``, or None when ``root`` is not a task project."""
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    table = _tool_table(pyproject)
+    if table is None:
+        return None
+    missing = [key for key in ("job-id", "task") if not isinstance(table.get(key), str)]
+    if missing:
+        raise UsageError(
+            f"{pyproject}: [tool.keeper-task] lacks {', '.join(missing)} (see keeper-task new)"
+        )
+    jobs_dir = root / str(table.get("jobs-dir", "jobs"))
+    return _Project(root.resolve(), str(table["job-id"]), str(table["task"]), jobs_dir.resolve())
+
+
+def _project_of(job_file: Path) -> _Project | None:
+    """The project a job file belongs to: the first directory above it with a pyproject.toml."""
+    for parent in job_file.resolve().parents:
+        if (parent / "pyproject.toml").is_file():
+            project = _read_project(parent)
+            if project is not None and parent in job_file.resolve().parents:
+                return project
+            return None
+    return None
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _locate_job(arg: str | None) -> tuple[Path, _Project | None, str | None]:
+    """Find the job file for ``dev run [JOB.json|DIR]``.
+
+    Returns:
+        ``(job file, its project or None, how it was found or None when given as a file)``.
+
+    Raises:
+        UsageError: Nothing to run there (exit 64, before anything starts).
+    """
+    from keeper_task.scaffold import current_os
+
+    if arg is not None:
+        given = Path(arg)
+        if given.is_file():
+            try:
+                with given.open("rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"cannot read job file {arg}: {exc.strerror or exc}") from exc
+            return given, _project_of(given), None
+        if not given.is_dir():
+            raise UsageError(
+                f"job file {arg} not found; give a job file, a project directory or nothing "
+                "(the current directory)"
+            )
+    base = Path(arg) if arg is not None else Path.cwd()
+    where = _shown(base)
+    project = _read_project(base)
+    os_name = current_os()
+    if project is not None:
+        job = project.jobs_dir / os_name / f"{project.job_id}.json"
+        if not job.is_file():
+            others = sorted(_shown(p) for p in project.jobs_dir.glob(f"*/{project.job_id}.json"))
+            found = f" (it has {', '.join(others)})" if others else ""
+            raise UsageError(
+                f"project {where} has no job for {os_name}: {_shown(job)} is missing{found}; "
+                f"add it with keeper-task new {project.job_id} --os {os_name} --force in a "
+                "scratch directory and copy it, or give a job file"
+            )
+        return job, project, f"the project's job for {os_name} (pyproject.toml)"
+    single = base / "job.json"
+    if single.is_file():
+        return single, _project_of(single), f"job.json in {where}"
+    raise UsageError(
+        f"no job to run in {where}: expected a project made by keeper-task new "
+        "(pyproject.toml with [tool.keeper-task]) or a job.json; give the job file: "
+        "keeper-task dev run JOB.json"
+    )
+
+
+def _how_found(task: Any, agent_root: Path, found: Path | None) -> str:
+    """Where a task's binary was found, in the agent's terms."""
+    from keeper_task.jobs.binary import binary_candidates
+
+    command = task.command or ""
+    candidates = binary_candidates(task, agent_root)
+    if found is not None:
+        for index, candidate in enumerate(candidates):
+            if candidate == found:
+                if index == 0 and agent_root in candidate.parents:
+                    return f"Jobs/bin/{command}/ under the agent root {_shown(agent_root)}"
+                return "the job's executablePath"
+        return f"command {command!r} found on PATH"
+    return ""
+
+
 def _run(args: argparse.Namespace) -> int:
     _require_dev_extra()
     from keeper_task.emulator import Emulator, resolve_task_command
     from keeper_task.jobs import host_os, load_job, resolve_binary, validate_job
 
     context = parse_context(args.context)  # bad input first, before anything starts
-    job_path = Path(args.job)
-    if job_path.is_dir():
-        raise JobDefinitionError(f"{job_path} is a directory; give the job's JSON file")
-    if not job_path.is_file():
-        raise JobDefinitionError(f"job file {job_path} not found")
+    settings = _settings(args.setting)
+    job_path, project, how_job = _locate_job(args.job)
+    if how_job is not None:
+        print(f"keeper-task: job {_shown(job_path)} ({how_job})", file=sys.stderr)
     job = load_job(job_path)
     report = validate_job(job)
     if not report.valid:
@@ -412,25 +676,49 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("--task is empty; give the command that runs the task")
         if override[0] in ("python", "python3"):
             override[0] = sys.executable  # the Python keeper-task runs on
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be > 0 seconds")
     job_dir = job_path.resolve().parent
     if args.agent_root is not None:
         agent_root = Path(args.agent_root).resolve()
     else:
         agent_root = job_dir.parent if job_dir.name == "Jobs" else job_dir
     fallback = job_dir / "task.py"
+    found = {id(t): resolve_binary(t, agent_root, search_path=True) for t in job.tasks}
+    run_env: dict[str, str] | None = None
+    how: dict[int, str] = {}
+    if override is not None:
+        how = {id(t): "--task" for t in job.tasks}
+    elif project is not None and all(found[id(t)] is None for t in job.tasks):
+        # A project not built (nor installed) yet: run its source with this Python, as
+        # `keeper-task dev run` right after `keeper-task new` should.
+        override = project.source_command()
+        source = project.source_dir
+        path = os.environ.get("PYTHONPATH")
+        run_env = {"PYTHONPATH": str(source) + (os.pathsep + path if path else "")}
+        shown_source = _shown(source / project.package)
+        how = {
+            id(t): f"no {t.command!r} binary yet: the project's source {shown_source} with "
+            "this Python; `keeper-task build` makes the binary"
+            for t in job.tasks
+        }
     for task in job.tasks:
         command = resolve_task_command(
             task, agent_root=agent_root, override=override, fallback_script=fallback
         )
-        _check_runnable(command[0], task.command, from_task_option=override is not None)
-        if override is None and resolve_binary(task, agent_root, search_path=True) is None:
-            print(
-                f"keeper-task: no binary for command {task.command!r} yet; running "
-                f"{command[-1]} with {Path(sys.executable).name}",
-                file=sys.stderr,
-            )
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be > 0 seconds")
+        _check_runnable(command[0], task.command, from_task_option=args.task is not None)
+        reason = how.get(id(task)) or _how_found(task, agent_root, found[id(task)])
+        if not reason:
+            reason = f"no {task.command!r} binary yet: the task.py beside the job file"
+        name = task.id or task.command
+        print(
+            f"keeper-task: task {name}: running {shlex.join(command)} ({reason})",
+            file=sys.stderr,
+        )
+    plugins_dir = args.plugins_dir
+    if plugins_dir is None and (job_dir / "plugins").is_dir():
+        plugins_dir = str(job_dir / "plugins")
+        print(f"keeper-task: plugin settings from {_shown(job_dir / 'plugins')}", file=sys.stderr)
 
     topics = job.mqtt_topics
     printer = _Printer(
@@ -442,9 +730,9 @@ def _run(args: argparse.Namespace) -> int:
     emulator = Emulator(
         port=args.port,
         broker=args.broker,
-        settings=_settings(args.setting),
+        settings=settings,
         register_delay=args.register_delay,
-        plugins_dir=args.plugins_dir,
+        plugins_dir=plugins_dir,
     )
     run: Any = None
     interrupted = False
@@ -461,6 +749,7 @@ def _run(args: argparse.Namespace) -> int:
                 fallback_script=fallback,
                 agent_root=agent_root,
                 timeout=args.timeout,
+                env=run_env,
             )
             run.done.wait()
         except KeyboardInterrupt:
@@ -531,26 +820,58 @@ def _summary(
 # --- dev agent -----------------------------------------------------------------------------
 
 
+def _start_on_agent_port(emulator: Any, make: Any) -> Any:
+    """Start ``emulator`` on :data:`AGENT_PORT`; when that is taken, a new one on a free port.
+
+    ``keeper-task job`` and ``deploy.sh`` default to the agent's port, so a rehearsal needs no
+    ``--url`` unless something (a real agent) already listens there: then one warning line.
+    """
+    import errno
+
+    try:
+        return emulator.start()
+    except EmulatorError as exc:
+        cause = exc.__cause__
+        in_use = (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
+        if not isinstance(cause, OSError) or cause.errno not in in_use:
+            raise
+    fallback = make(0).start()
+    print(
+        f"keeper-task: warning: port {AGENT_PORT} (the agent's) is in use; serving on "
+        f"{fallback.port} instead: pass --url {fallback.base_url} to keeper-task job and "
+        "deploy.sh",
+        file=sys.stderr,
+        flush=True,
+    )
+    return fallback
+
+
 def _agent(args: argparse.Namespace) -> int:
     _require_dev_extra()
     from keeper_task.emulator import Emulator
 
     # Log copies are paired as in `dev run`; unpaired ones are shown when their run ends.
     printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, runs=True)
-    emulator = Emulator(
-        jobs_dir=args.jobs_dir,
-        state_dir=args.state_dir,
-        port=args.port,
-        broker=args.broker,
-        settings=_settings(args.setting),
-        register_delay=args.register_delay,
-        plugins_dir=args.plugins_dir,
-    )
+
+    def make(port: int) -> Any:
+        return Emulator(
+            jobs_dir=args.jobs_dir,
+            state_dir=args.state_dir,
+            port=port,
+            broker=args.broker,
+            settings=_settings(args.setting),
+            register_delay=args.register_delay,
+            plugins_dir=args.plugins_dir,
+        )
+
+    emulator = make(AGENT_PORT if args.port is None else args.port)
     stop = threading.Event()
     # Listening from the start: job files skipped at load time are reported too.
     emulator.on_event(printer)
     with _Signals():
         try:
+            if args.port is None:
+                emulator = _start_on_agent_port(emulator, make)
             with emulator:
                 broker = emulator.broker
                 assert broker is not None

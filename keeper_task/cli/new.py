@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from keeper_task import scaffold
@@ -56,9 +58,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--keeper-task-spec",
         metavar="REQUIREMENT",
-        default=os.environ.get("KEEPER_TASK_SPEC", scaffold.DEFAULT_KEEPER_TASK_SPEC),
-        help="keeper-task requirement of the new project (default %(default)s; e.g. "
-        "'keeper-task @ file:///path/to/checkout'; env KEEPER_TASK_SPEC)",
+        default=None,
+        help="keeper-task requirement of the new project (env KEEPER_TASK_SPEC). Default: "
+        "where this keeper-task came from: a version range when it was installed from a "
+        "package index, 'keeper-task @ file:///...' when from a local checkout or wheel",
     )
     parser.add_argument(
         "--force",
@@ -68,14 +71,44 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_run)
 
 
+def _self_command(cwd: Path) -> str:
+    """How to call this same keeper-task from ``cwd``, without activating a venv.
+
+    ``keeper-task`` when that name on PATH is this program; else this program's path relative
+    to ``cwd`` (``../.venv/bin/keeper-task``); else ``<python> -m keeper_task.cli``.
+    """
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name.startswith("keeper-task") and argv0.exists():
+        on_path = shutil.which("keeper-task")
+        if on_path is not None and Path(on_path).resolve() == argv0.resolve():
+            return "keeper-task"
+        return _relative(argv0.absolute(), cwd)
+    return f"{_relative(Path(sys.executable).absolute(), cwd)} -m keeper_task.cli"
+
+
+def _relative(path: Path, cwd: Path) -> str:
+    try:
+        shown = os.path.relpath(path, cwd)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return shown if shown.startswith("..") or os.sep in shown else f".{os.sep}{shown}"
+
+
 def _run(args: argparse.Namespace) -> int:
+    requirement = args.keeper_task_spec or os.environ.get("KEEPER_TASK_SPEC")
+    if requirement:
+        source = "--keeper-task-spec" if args.keeper_task_spec else "KEEPER_TASK_SPEC"
+        origin = f"given with {source} when the project was created"
+    else:
+        requirement, origin = scaffold.detect_keeper_task_spec()
     spec = scaffold.make_spec(
         args.name,
         module=args.module,
         command=args.command,
         oses=[part for part in args.os.split(",") if part.strip()],
         publishes=args.publishes,
-        keeper_task_spec=args.keeper_task_spec,
+        keeper_task_spec=requirement,
+        keeper_task_origin=origin,
     )
     target = scaffold.resolve_target(args.dir, spec)
     written = scaffold.create_project(spec, target, force=args.force)
@@ -86,16 +119,17 @@ def _run(args: argparse.Namespace) -> int:
     for os_name in spec.oses:
         print(f"  job:      {scaffold.job_file_name(spec, os_name)}", file=out)
     print(f"  command:  {spec.command}", file=out)
-    first = scaffold.template_values(spec)["first_os"]
-    job = scaffold.job_file_name(spec, first)
-    print("next (see its README.md):", file=out)
-    print(f"  cd {shown}", file=out)
+    print(f"  requires: {spec.keeper_task_spec}", file=out)
+    print(f"            ({origin}; --keeper-task-spec overrides)", file=out)
+    me = _self_command(target)
+    print("run it now under the emulated agent (no install needed):", file=out)
+    print(f"  cd {shown} && {me} dev run", file=out)
+    print("then (see its README.md):", file=out)
     print("  pip install -e '.[test]'         # the task, the emulator and pytest", file=out)
     print("  python -m pytest                 # its tests pass as generated", file=out)
-    print(f"  keeper-task dev run {job}", file=out)
     print(
         f"  keeper-task build                # dist/Jobs/bin/{spec.command}/ and a deploy bundle",
         file=out,
     )
-    print(f"  keeper-task dev run {job} --agent-root dist   # the built binary", file=out)
+    print("  keeper-task dev run --agent-root dist   # the built binary", file=out)
     return 0
