@@ -125,6 +125,175 @@ def test_agent_side_publish_and_broker_down() -> None:
         assert agent.broker.running and agent.broker.port == port
 
 
+# Publish a QoS 1 burst without waiting in between, QoS 2 messages and a QoS 0 burst, wait
+# until paho has sent them all, then disconnect and exit at once: the publishes still
+# queued inside the broker at that moment must be recorded too.
+BURST_PROBE = r"""
+import ssl, sys, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, client_id = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+n, n0 = int(sys.argv[4]), int(sys.argv[5])
+connected = threading.Event()
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+c.tls_set_context(ctx)
+c.on_connect = lambda *a: connected.set()
+c.connect(host, port); c.loop_start()
+assert connected.wait(10)
+infos = [c.publish("KeeperLogger", f"q1-{i}", qos=1) for i in range(n)]
+infos += [c.publish("Custom/q2/status", f"q2-{i}", qos=2) for i in range(10)]
+infos += [c.publish("Custom/q0/status", f"q0-{i}", qos=0) for i in range(n0)]  # no acks
+for info in infos:
+    info.wait_for_publish(30)
+c.disconnect(); c.loop_stop()
+print("sent", flush=True)
+"""
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_a_burst_sent_just_before_exit_is_recorded_completely(tmp_path: Path, round_: int) -> None:
+    """Every publish of a task that exits right after its burst is recorded, in order, once:
+    QoS 1 (acknowledged while still queued in the broker), QoS 0 and QoS 2."""
+    n, n0 = 300, 1000
+    with Emulator() as agent:
+        probe = write_script(tmp_path, "burst.py", BURST_PROBE)
+        data = job_data(
+            "burst-job",
+            mqttTopics={
+                "allowedPublications": ["KeeperLogger", "Custom/+/status"],
+                "allowedSubscriptions": [],
+            },
+        )
+        data["tasks"][0]["arguments"] = f"127.0.0.1 {agent.broker.port} burst-job_Burst {n} {n0}"
+        agent.add_job(data)
+        run = agent.run_job("burst-job", command=[PYTHON, str(probe)], wait=120)
+        assert run.exit_code == 0, run.tasks[0].stderr
+        by_topic: dict[str, list[bytes]] = {}
+        for m in agent.messages:
+            by_topic.setdefault(m.topic, []).append(m.payload)
+        qos = {m.topic: m.qos for m in agent.messages}
+    assert run.tasks[0].stdout_lines == ["sent"]
+    assert by_topic["KeeperLogger"] == [f"q1-{i}".encode() for i in range(n)]
+    assert by_topic["Custom/q0/status"] == [f"q0-{i}".encode() for i in range(n0)]
+    assert by_topic["Custom/q2/status"] == [f"q2-{i}".encode() for i in range(10)]
+    assert qos == {"KeeperLogger": 1, "Custom/q0/status": 0, "Custom/q2/status": 2}
+    assert agent.denied == []
+
+
+def _client(agent: Emulator, client_id: str) -> mqtt.Client:
+    """An in-process paho client, connected (the emulator must not require trust)."""
+    connected = threading.Event()
+    rc: list[int] = []
+
+    def on_connect(_c, _u, _f, reason, _p=None):
+        rc.append(reason.value)
+        connected.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.tls_set_context(ssl.create_default_context(cafile=str(agent.ca_bundle)))
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", agent.broker.port)
+    client.loop_start()
+    assert connected.wait(10)
+    client.user_data_set(rc[0])
+    return client
+
+
+def _subscribe(client: mqtt.Client, topic_filter: str) -> int:
+    done = threading.Event()
+    granted: list[int] = []
+
+    def on_subscribe(_c, _u, _mid, codes, _p=None):
+        granted.extend(code.value for code in codes)
+        done.set()
+
+    client.on_subscribe = on_subscribe
+    client.subscribe(topic_filter, qos=1)
+    assert done.wait(10)
+    return granted[0]
+
+
+def test_subscription_permissions_use_the_shared_matcher() -> None:
+    """A leading wildcard entry does not reach '$' topics, an explicit '$' entry does, and a
+    malformed entry grants nothing."""
+    entries = ["+/run", "$SYS/broker/+", "x/#/y"]
+    with Emulator(require_trusted_mqtt=False) as agent:
+        agent.add_job(
+            job_data(
+                "sub-job", mqttTopics={"allowedPublications": [], "allowedSubscriptions": entries}
+            )
+        )
+        client = _client(agent, "sub-job_Sub")
+        try:
+            wanted = ["Commands/run", "$SYS/run", "$SYS/broker/uptime", "x/a/y"]
+            granted = {f: _subscribe(client, f) for f in wanted}
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        denied = [(d.action, d.topic) for d in agent.denied]
+    assert granted == {"Commands/run": 1, "$SYS/run": 128, "$SYS/broker/uptime": 1, "x/a/y": 128}
+    assert denied == [("subscribe", "$SYS/run"), ("subscribe", "x/a/y")]
+
+
+def test_publish_to_a_dollar_topic_is_denied_and_ends_service_of_that_connection() -> None:
+    """amqtt treats a publish to a '$' topic as a protocol error and stops serving the
+    connection; the emulator reports it and every later publish on it as DENIED."""
+    with Emulator(require_trusted_mqtt=False) as agent:
+        agent.add_job(
+            job_data(
+                "dollar-job",
+                mqttTopics={"allowedPublications": ["KeeperLogger", "$x/y"]},
+            )
+        )
+        client = _client(agent, "dollar-job_D")
+        try:
+            client.publish("KeeperLogger", b"before", qos=1).wait_for_publish(10)
+            client.publish("$x/y", b"d", qos=1).wait_for_publish(10)
+            client.publish("KeeperLogger", b"after", qos=1).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        agent.drain(5)
+        messages = [(m.topic, m.payload) for m in agent.messages]
+        denied = agent.denied
+    assert messages == [("KeeperLogger", b"before")]
+    assert [(d.action, d.topic) for d in denied] == [
+        ("publish", "$x/y"),
+        ("publish", "KeeperLogger"),
+    ]
+    assert "reserved for the broker" in denied[0].reason
+    assert "no longer serves this connection" in denied[1].reason
+
+
+def test_client_id_check_refuses_with_its_reason() -> None:
+    """BrokerPolicy.client_id_check: a stricter client-id format, its refusal reported."""
+    with Emulator(require_trusted_mqtt=False) as agent:
+        agent.add_job(job_data("fmt-job"))
+        seen: list[tuple[str, str, str | None]] = []
+
+        def exact_format(client_id: str, job_id: str, job_name: str | None, _pid: int | None):
+            seen.append((client_id, job_id, job_name))
+            return None if client_id == f"{job_id}_{job_name}" else "expected '{job_id}_{name}'"
+
+        agent.broker.policy.client_id_check = exact_format
+        good = _client(agent, "fmt-job_Probe job")
+        bad = _client(agent, "fmt-job_12345")
+        for client in (good, bad):
+            client.disconnect()
+            client.loop_stop()
+        denied = agent.denied
+    assert (good.user_data_get(), bad.user_data_get()) == (0, 135)  # 135: "Not authorized"
+    assert seen == [
+        ("fmt-job_Probe job", "fmt-job", "Probe job"),
+        ("fmt-job_12345", "fmt-job", "Probe job"),
+    ]
+    assert [(d.action, d.client_id, d.reason) for d in denied] == [
+        ("connect", "fmt-job_12345", "expected '{job_id}_{name}'")
+    ]
+
+
 def test_topic_matching_and_broker_spec() -> None:
     """Permission entries match exactly or as MQTT filters; --broker forms parse."""
     assert topic_allowed("KeeperLogger", ["KeeperLogger"])
