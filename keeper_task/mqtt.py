@@ -1,39 +1,58 @@
 """The MQTT client toward the agent's broker: the one paho-mqtt boundary.
 
 :class:`MqttClient` wraps ``paho.mqtt.client.Client`` (paho-mqtt 2.x, ``VERSION2`` callbacks,
-MQTT 3.1.1, clean session) and maps every paho error and return code to
-:mod:`keeper_task.errors` (``raise ... from`` the original):
+MQTT 3.1.1, clean session), only through paho's public API, and maps every paho error and
+return code to :mod:`keeper_task.errors` (``raise ... from`` the original):
 
 * ``connect()`` blocks until the broker's CONNACK, within ``connect_timeout`` for TCP, TLS and
-  CONNACK together, and sets ``TCP_NODELAY`` on the socket (paho does not: a QoS 1 ack then
-  takes ~44 ms instead of ~1 ms). A refused connection, a timeout, a TLS failure or a CONNACK
-  refusal is a :class:`~keeper_task.errors.BrokerUnavailableError`.
+  CONNACK together, and sets ``TCP_NODELAY`` on the socket from paho's ``on_socket_open`` hook
+  (paho does not: a QoS 1 ack then takes ~44 ms instead of ~1 ms). A refused connection, a
+  timeout, a TLS failure or a CONNACK refusal is a
+  :class:`~keeper_task.errors.BrokerUnavailableError`.
 * ``publish()`` is thread-safe and does not block unless ``wait=True``. A topic outside
   ``allowed_publications`` raises :class:`~keeper_task.errors.TopicNotDeclaredError` at once:
-  the agent's broker would drop it without telling anyone.
-* ``disconnect()`` flushes unacknowledged QoS 1/2 messages within a bounded time, sends a clean
-  DISCONNECT, stops the network thread and returns how many messages were lost.
+  the agent's broker would drop it silently.
+* ``disconnect()`` flushes unacknowledged messages within a bounded time, sends a clean
+  DISCONNECT, stops the network thread and returns exactly how many messages were lost.
 
-Throughput: paho keeps at most ``max_inflight_messages`` unacknowledged publishes on the wire
-(default 20) and queues the rest; each PUBACK then scans the whole in-flight table to pick the
-next queued message. We default to no in-flight limit (``max_inflight=0``), so a burst of
-10,000 QoS 1 messages goes out at once and acks are matched in O(1). MQTT packet ids are
-16-bit, so at most 65,535 messages can be unacknowledged; ``max_queued`` (default 50,000) turns
-a longer backlog (a broker that stopped acking) into a :class:`~keeper_task.errors.PublishError`
-instead of unbounded memory. The paho client underneath (``_Client``) also joins queued packets
-into one socket write, reads ahead, and wakes its network thread at most once per loop
-iteration instead of once per publish: the same bytes with far fewer system calls.
+Threads. One network thread of ours drives paho with its external-loop API (the way aiomqtt
+does): ``select()`` on ``socket()``, then ``loop_read()``, ``loop_write()`` when
+``want_write()``, ``loop_misc()``, and ``reconnect()`` after a lost connection (paho's default
+back-off: 1 s doubling to 120 s). Every paho call after ``connect()`` runs on that thread.
+``publish()`` only appends the message to a queue (one atomic ``deque.append``) and wakes the
+thread, which hands queued messages to paho's ``publish()``:
+
+* Exact bookkeeping under asynchronous exceptions. A signal or the task's deadline raised in
+  the publishing thread lands either before the append (nothing published, nothing counted)
+  or after it (sent, and counted until acknowledged); it can never interrupt paho halfway, as
+  only the main thread runs signal handlers and the deadline targets the task's thread.
+  Unacknowledged = queued + handed to paho and not yet acknowledged (``on_publish``), so a
+  flush never waits for a message that does not exist and never misses one that does.
+* Throughput. A burst of publishes costs one wake-up of the network thread (a byte on a
+  socketpair, written only when none is pending) instead of one per publish, as paho's own
+  ``loop_start()`` thread would; setting ``on_socket_register_write`` makes paho queue
+  packets for our loop instead of writing from the caller.
+
+paho keeps at most ``max_inflight_messages`` unacknowledged publishes on the wire (default 20)
+and queues the rest; each PUBACK then scans the whole in-flight table to pick the next queued
+message. We default to no in-flight limit (``max_inflight=0``), so a burst of 10,000 QoS 1
+messages goes out at once and acks are matched in O(1). MQTT packet ids are 16-bit, so at
+most 65,535 messages can be unacknowledged; ``max_queued`` (default 50,000) turns a longer
+backlog (a broker that stopped acking) into a :class:`~keeper_task.errors.PublishError`
+instead of unbounded memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import ssl
 import string
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -145,139 +164,19 @@ def _getpid() -> int:
     return os.getpid()
 
 
-#: Most bytes joined into one socket write by :class:`_Client`.
-_WRITE_COALESCE = 64 * 1024
-#: Bytes read from the socket at once by :class:`_Client`.
-_READ_AHEAD = 64 * 1024
-
-
-class _Client(paho.Client):
-    """paho's client with fewer syscalls and thread wake-ups per message; same protocol.
-
-    paho spends most of a QoS 1 burst in system calls: a socket write per packet, three
-    socket reads per PUBACK (fixed header byte, length byte, body) and, in threaded mode,
-    a wake byte to its socketpair per queued packet, which also hands the GIL to the network
-    thread once per message. Here:
-
-    * a publisher writes the wake byte only when none is pending since the loop thread began
-      its current iteration (packets queued before that are seen by its ``want_write()``);
-    * queued packets waiting together go out in one socket write (QoS 0 publishes and
-      DISCONNECT, which have side effects once written, still go one by one via paho);
-    * socket reads go through a read-ahead buffer, drained completely by ``loop_read()``
-      so no received packet waits for the next ``select()``; it is dropped with the socket.
-    """
-
-    _wake_pending = False
-    _rbuf = b""
-    _rpos = 0
-
-    # -- wake-ups ---------------------------------------------------------------------------
-
-    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
-        # Cleared before want_write()/select(): anything queued after this wakes us again.
-        self._wake_pending = False
-        return super()._loop(timeout)
-
-    def _packet_queue(
-        self,
-        command: int,
-        packet: bytes | bytearray,
-        mid: int,
-        qos: int,
-        info: paho.MQTTMessageInfo | None = None,
-    ) -> MQTTErrorCode:
-        if self._thread is None or not self._wake_pending:
-            self._wake_pending = True
-            return super()._packet_queue(command, packet, mid, qos, info)
-        # A wake is pending: the loop thread will see this packet in its next iteration.
-        self._out_packet.append(
-            {
-                "command": command,
-                "mid": mid,
-                "qos": qos,
-                "pos": 0,
-                "to_process": len(packet),
-                "packet": packet,
-                "info": info,
-            }
-        )
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    # -- writes -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _joinable(packet: Any) -> bool:
-        cmd = packet["command"] & 0xF0
-        return cmd != paho.DISCONNECT and not (cmd == paho.PUBLISH and packet["qos"] == 0)
-
-    def _packet_write(self) -> MQTTErrorCode:
-        out = self._out_packet  # only this (the network) thread pops; publishers append
-        while len(out) > 1 and self._joinable(out[0]):
-            batch = [out.popleft()]
-            size = batch[0]["to_process"]
-            while out and size < _WRITE_COALESCE and self._joinable(out[0]):
-                batch.append(out.popleft())
-                size += batch[-1]["to_process"]
-            data = b"".join(p["packet"][p["pos"] :] if p["pos"] else p["packet"] for p in batch)
-            try:
-                written = self._sock_send(data)
-            except (AttributeError, ValueError):
-                out.extendleft(reversed(batch))
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-            except BlockingIOError:
-                out.extendleft(reversed(batch))
-                return MQTTErrorCode.MQTT_ERR_AGAIN
-            except OSError as err:
-                out.extendleft(reversed(batch))
-                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
-                return MQTTErrorCode.MQTT_ERR_CONN_LOST
-            if written <= 0:  # nothing taken: leave the rest to paho's own loop below
-                out.extendleft(reversed(batch))
-                break
-            done = 0
-            for p in batch:
-                if written < p["to_process"]:
-                    break
-                written -= p["to_process"]
-                p["pos"] += p["to_process"]
-                p["to_process"] = 0
-                done += 1
-            if done < len(batch):
-                partial = batch[done]
-                partial["pos"] += written
-                partial["to_process"] -= written
-                out.extendleft(reversed(batch[done:]))
-        # The rest (one packet, or one with side effects) as paho does it.
-        return super()._packet_write()
-
-    # -- reads ------------------------------------------------------------------------------
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            data = super()._sock_recv(max(bufsize, _READ_AHEAD))
-            if len(data) <= bufsize:
-                return data  # includes b"" (connection closed)
-            buf, pos = self._rbuf, self._rpos = data, 0
-        chunk = buf[pos : pos + bufsize]
-        self._rpos = pos + len(chunk)
-        return chunk
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        # paho reads at most as many packets as messages are in flight: handle everything
-        # already buffered, or it would wait for the socket to become readable again.
-        while (
-            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            and self._sock is not None
-            and self._rpos < len(self._rbuf)
-        ):
-            rc = super().loop_read(max_packets)
-        return rc
-
-    def _sock_close(self) -> None:
-        self._rbuf, self._rpos = b"", 0
-        super()._sock_close()
+#: Longest single wait handed to threading or select(), which refuse more than
+#: threading.TIMEOUT_MAX; a monotonic deadline keeps longer waits exact.
+_MAX_WAIT = 3600.0
+#: The network loop's select() timeout: keepalive (loop_misc) runs at least this often.
+_TICK = 1.0
+#: Reconnect back-off, paho's defaults for its own loop.
+_RECONNECT_MIN = 1.0
+_RECONNECT_MAX = 120.0
+#: Time the stopping network thread has to write DISCONNECT before it closes the socket.
+_STOP_GRACE = 2.0
+#: MQTT limits: 16-bit packet ids, and the largest remaining length of a packet.
+_MAX_MID = 65_535
+_MAX_PAYLOAD = 268_435_455
 
 
 class MqttClient:
@@ -301,11 +200,12 @@ class MqttClient:
         connect_timeout: Seconds for TCP connect, TLS handshake and CONNACK together.
         allowed_publications: Topic filters this task declared in
             ``mqttTopics.allowedPublications``; ``None`` disables the check.
-        logger: Object with ``info``/``warning`` methods (a structlog logger) for connection
-            events; ``None`` for silence.
+        logger: Object with ``info``/``warning``/``error`` methods (a structlog logger) for
+            connection events; ``None`` for silence.
         publish_timeout: Default seconds for ``publish(wait=True)``.
         max_inflight: paho's in-flight window; 0 means unlimited (see module docstring).
-        max_queued: Most unacknowledged messages kept before publish raises PublishError.
+        max_queued: Most unacknowledged messages kept before publish raises PublishError
+            (at most 65,535: MQTT packet ids are 16-bit).
     """
 
     def __init__(
@@ -331,41 +231,54 @@ class MqttClient:
         self.publish_timeout = publish_timeout
         self._allowed = None if allowed_publications is None else tuple(allowed_publications)
         self._allowed_cache: dict[str, bool] = {}
+        self._topics_ok: set[str] = set()
         self._log = logger
         self._tls = ssl_context is not None
+        self._max_queued = max(1, min(max_queued, _MAX_MID))
+
+        # Publish bookkeeping (see the module docstring): a message is counted from the one
+        # append to _outbox until the network thread settles it; nothing else changes it.
+        self._outbox: deque[_Outgoing] = deque()
+        self._in_hand = 0  # 1 while the network thread hands one message to paho
+        self._inflight: dict[int, _Outgoing] = {}  # paho mid -> message, network thread only
+        self._failed = 0  # refused or dropped after publish() returned; network thread only
+        self._lost = 0  # what the last disconnect() counted
+        self._calls: deque[Callable[[], None]] = deque()  # paho calls run by the network thread
 
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._pending = 0  # publishes handed to paho and not yet acked (QoS>0) / written (QoS 0)
-        # Acks for publish(wait=True), tracked here rather than through paho's
-        # MQTTMessageInfo.wait_for_publish(), which raises while paho reconnects although
-        # the message stays queued and is resent.
-        self._waiters = 0
-        self._acked_mids: set[int] = set()
-        self._ack_events: dict[int, threading.Event] = {}
         self._open = False  # between a successful connect() and disconnect()
-        self._closing = False
+        self._established = False  # a CONNACK accepted us; later losses are reconnected
         self._connack = threading.Event()
         self._connack_rc: ReasonCode | None = None
         self._subs: dict[str, int] = {}
         self._suback: dict[int, tuple[threading.Event, list[ReasonCode]]] = {}
 
-        client = _Client(
+        self._thread: threading.Thread | None = None
+        self._loop_ident: int | None = None
+        self._stop = threading.Event()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._wake_pending = False
+        self._reconnect_delay = 0.0
+
+        client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=True,
             protocol=paho.MQTTv311,
         )
         client.max_inflight_messages_set(max_inflight)
-        # paho's own queue limit is our max_queued: beyond it publish() returns QUEUE_SIZE.
-        client.max_queued_messages_set(max_queued)
-        client.connect_timeout = connect_timeout
+        client.connect_timeout = min(connect_timeout, _MAX_WAIT)
         client.suppress_exceptions = True  # a failing user callback must not kill the loop
         if ssl_context is not None:
             # paho checks the host name itself unless the context does; a context without
             # hostname checking (the loopback policy) must not be second-guessed.
             client.tls_set_context(ssl_context)
         client.on_socket_open = self._on_socket_open
+        # Setting this hook is what makes paho queue packets for our loop instead of writing
+        # them from the calling thread; it also wakes the loop for packets paho queues itself.
+        client.on_socket_register_write = self._on_register_write
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -382,7 +295,9 @@ class MqttClient:
     @property
     def unacked(self) -> int:
         """Publishes not yet acknowledged by the broker (QoS 0: not yet written)."""
-        return self._pending
+        # Read in the order a message moves (outbox -> in hand -> in flight): a message
+        # moving while we read is counted twice at worst, never missed.
+        return len(self._outbox) + self._in_hand + len(self._inflight)
 
     @property
     def tls(self) -> bool:
@@ -392,7 +307,7 @@ class MqttClient:
     # -- connect / disconnect ---------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect and wait for the broker's CONNACK, then start the network thread.
+        """Connect and wait for the broker's CONNACK, then keep the connection in a thread.
 
         Raises:
             BrokerUnavailableError: Refused, timed out, TLS failure, or CONNACK refusal.
@@ -400,44 +315,59 @@ class MqttClient:
         if self._open:
             return
         where = f"{'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}"
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + max(0.0, self.connect_timeout)
         self._connack.clear()
         self._connack_rc = None
-        self._closing = False
+        self._established = False
+        self._stop.clear()
+        self._failed = self._lost = 0
+        self._reconnect_delay = 0.0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
         try:
             self._client.connect(self.host, self.port, keepalive=self.keepalive)
-        except ssl.SSLError as exc:
-            raise BrokerUnavailableError(
-                f"TLS handshake with the MQTT broker at {where} failed ({_reason(exc)}); "
-                "check the CA bundle, or whether the broker speaks TLS on this port"
-            ) from exc
-        except TimeoutError as exc:
-            raise BrokerUnavailableError(
-                f"MQTT broker at {where} did not answer within {self.connect_timeout:g}s; "
-                "check broker.host/broker.port and that the agent is running"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            raise BrokerUnavailableError(
-                f"cannot connect to the MQTT broker at {where} ({_reason(exc)}); "
-                "check broker.host/broker.port and that the agent is running"
-            ) from exc
-        self._client.loop_start()
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            got_connack = self._connack.wait(remaining)
-        except BaseException:
-            # A signal or the task's deadline while waiting: stop paho's thread and socket.
-            self._abort()
+        except BaseException as exc:
+            self._close_socket()
+            self._close_wake()
+            if isinstance(exc, ssl.SSLError):
+                raise BrokerUnavailableError(
+                    f"TLS handshake with the MQTT broker at {where} failed ({_reason(exc)}); "
+                    "check the CA bundle, or whether the broker speaks TLS on this port"
+                ) from exc
+            if isinstance(exc, TimeoutError):
+                raise BrokerUnavailableError(
+                    f"MQTT broker at {where} did not answer within {self.connect_timeout:g}s; "
+                    "check broker.host/broker.port and that the agent is running"
+                ) from exc
+            if isinstance(exc, (OSError, ValueError, OverflowError)):
+                raise BrokerUnavailableError(
+                    f"cannot connect to the MQTT broker at {where} ({_reason(exc)}); "
+                    "check broker.host/broker.port and that the agent is running"
+                ) from exc
             raise
-        if not got_connack:
-            self._abort()
+        self._start_loop()
+        try:
+            got_connack = _wait(self._connack, deadline - time.monotonic())
+        except BaseException:
+            # A signal or the task's deadline while waiting: stop the network thread and socket.
+            self._stop_loop()
+            raise
+        rc = self._connack_rc
+        if not got_connack or rc is None:
+            self._stop_loop()
+            if not got_connack:
+                raise BrokerUnavailableError(
+                    f"MQTT broker at {where} sent no CONNACK within {self.connect_timeout:g}s; "
+                    "is this port an MQTT broker?"
+                )
             raise BrokerUnavailableError(
-                f"MQTT broker at {where} sent no CONNACK within {self.connect_timeout:g}s; "
+                f"MQTT broker at {where} closed the connection before its CONNACK; "
                 "is this port an MQTT broker?"
             )
-        rc = self._connack_rc
-        if rc is not None and rc.is_failure:
-            self._abort()
+        if rc.is_failure:
+            self._stop_loop()
             if rc.value in _NOT_AUTHORIZED:
                 raise BrokerUnavailableError(
                     f"MQTT broker at {where} refused client id {self.client_id!r} "
@@ -449,7 +379,8 @@ class MqttClient:
                 f"MQTT broker at {where} refused the connection ({rc.getName()})",
                 rc=rc.value,
             )
-        self._open = True
+        with self._lock:
+            self._open = True
         if self._log is not None:
             self._log.info(
                 "mqtt.connected",
@@ -459,25 +390,25 @@ class MqttClient:
                 client_id=self.client_id,
             )
 
-    def _abort(self) -> None:
-        self._closing = True
-        self._client.disconnect()
-        self._client.loop_stop()
-
     def flush(self, timeout: float) -> int:
         """Wait until every publish is acknowledged, at most ``timeout`` seconds.
+
+        Any ``timeout`` is accepted (``inf`` waits as long as the connection can deliver);
+        it ends early when nothing can be delivered any more.
 
         Returns:
             The number of messages still unacknowledged (0 when all were acked).
         """
+        if threading.get_ident() == self._loop_ident:
+            return self.unacked  # on the network thread (a subscription callback): can't wait
         deadline = time.monotonic() + max(0.0, timeout)
         with self._drained:
-            while self._pending > 0:
+            while self.unacked > 0 and self._thread is not None and self._thread.is_alive():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._drained.wait(remaining)
-            return self._pending
+                self._drained.wait(min(remaining, _MAX_WAIT))
+            return self.unacked
 
     def disconnect(self, timeout: float = 5.0) -> int:
         """Flush (bounded by ``timeout``), send DISCONNECT and stop the network thread.
@@ -485,20 +416,22 @@ class MqttClient:
         Idempotent; safe to call when ``connect()`` failed or was never called.
 
         Returns:
-            How many messages were lost (never acknowledged by the broker).
+            How many messages were lost: never acknowledged by the broker (QoS 0: never
+            written), including any the connection dropped after ``publish()`` returned.
         """
         with self._lock:
             if not self._open:
-                return self._pending
+                return self._lost
             # From here publish() raises: nothing new may slip in behind the flush.
             self._open = False
-        lost = self.flush(timeout)
-        self._closing = True
-        self._client.disconnect()
-        # Joins paho's thread; bounded by its socket timeouts even if a reconnect is running.
-        self._client.loop_stop()
-        if lost and self._log is not None:
-            self._log.warning("mqtt.messages_lost", count=lost, flush_timeout=timeout)
+        try:
+            self.flush(timeout)
+        finally:
+            # Also when a second signal interrupts the flush: the count stays exact.
+            self._stop_loop()
+            lost = self._lost = self.unacked + self._failed
+            if lost and self._log is not None:
+                self._log.warning("mqtt.messages_lost", count=lost, flush_timeout=timeout)
         return lost
 
     def __enter__(self) -> MqttClient:
@@ -533,6 +466,11 @@ class MqttClient:
     ) -> None:
         """Publish one message; dict/list payloads are sent as compact JSON.
 
+        The message is queued for the network thread in one atomic step: an exception
+        raised asynchronously in the caller (a signal, the task's deadline) either comes
+        before it (nothing was published or counted) or after it (the message is sent and
+        counted in :attr:`unacked` until the broker acknowledged it).
+
         Args:
             topic: Topic name (no wildcards).
             payload: Bytes, text (UTF-8) or a JSON-serialisable dict/list.
@@ -543,94 +481,55 @@ class MqttClient:
 
         Raises:
             TopicNotDeclaredError: The topic is not in ``allowed_publications``.
-            BrokerUnavailableError: Not connected (before ``connect()``/after ``disconnect()``).
-            PublishError: Invalid topic/QoS/payload, queue full, or no ack within ``timeout``.
+            BrokerUnavailableError: Not connected (before ``connect()``/after
+                ``disconnect()``), or QoS 0 while the connection is down (not queued).
+            PublishError: Invalid topic/QoS/payload, queue full, no ack within ``timeout``,
+                or ``wait=True`` on the network thread (in a subscription callback).
         """
         if not self.is_allowed(topic):
             raise TopicNotDeclaredError(
                 f"topic {topic!r} is not declared: add it to mqttTopics.allowedPublications "
                 "of the job (the broker would drop it silently)"
             )
-        if isinstance(payload, bytes):
-            data: bytes | str = payload
-        elif isinstance(payload, str):
-            data = payload
-        elif isinstance(payload, (Mapping, list)):
-            try:
-                data = _JSON.encode(payload)
-            except (TypeError, ValueError) as exc:
-                raise PublishError(
-                    f"payload for {topic!r} is not JSON-serialisable: {exc}"
-                ) from exc
-        else:
+        data = _encode(topic, payload)
+        if topic not in self._topics_ok:
+            _check_topic(topic)
+            if len(self._topics_ok) < 4096:
+                self._topics_ok.add(topic)
+        _check_publish(topic, qos, len(data))
+        if wait and threading.get_ident() == self._loop_ident:
             raise PublishError(
-                f"payload for {topic!r} must be bytes, str, dict or list, "
-                f"not {type(payload).__name__}"
+                f"cannot wait for the publish to {topic!r} in a subscription callback: it "
+                "runs on the network thread that would receive the ack; use wait=False"
             )
+        if qos == 0 and self._open and not self._client.is_connected():
+            raise BrokerUnavailableError(
+                f"cannot publish to {topic!r}: the connection to the broker is down and "
+                "QoS 0 messages are not queued",
+                rc=int(MQTTErrorCode.MQTT_ERR_NO_CONN),
+            )
+        waiting = self.unacked
+        if waiting >= self._max_queued:
+            raise PublishError(
+                f"cannot publish to {topic!r}: {waiting} messages are waiting for the "
+                "broker's ack (queue full); is the broker stalled?",
+                rc=int(MQTTErrorCode.MQTT_ERR_QUEUE_SIZE),
+            )
+        item = _Outgoing(topic, data, qos, retain, threading.Event() if wait else None)
         with self._lock:
-            if not self._open:
+            if not self._open or self._loop_ident is None:
                 raise BrokerUnavailableError(
                     f"cannot publish to {topic!r}: the MQTT client is not connected"
                 )
-            self._pending += 1
-            if wait:
-                self._waiters += 1
-        try:
-            try:
-                info = self._client.publish(topic, data, qos=qos, retain=retain)
-            except ValueError as exc:
-                self._settle()
-                raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
-            self._check_queued(topic, info.rc, qos)
-            if wait:
-                self._wait_for_ack(topic, info, qos, timeout)
-        finally:
-            if wait:
-                with self._lock:
-                    self._waiters -= 1
-                    if self._waiters == 0:
-                        self._acked_mids.clear()
-
-    def _check_queued(self, topic: str, rc: MQTTErrorCode, qos: int) -> None:
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not (
-            rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
-        ):
-            # QoS>0 with NO_CONN stays queued in paho and is resent after the reconnect.
-            self._settle()
-            if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                raise PublishError(
-                    f"cannot publish to {topic!r}: {self._pending} messages are waiting "
-                    "for the broker's ack (queue full); is the broker stalled?",
-                    rc=int(rc),
-                )
-            raise BrokerUnavailableError(
-                f"cannot publish to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
-            )
-
-    def _wait_for_ack(
-        self, topic: str, info: paho.MQTTMessageInfo, qos: int, timeout: float | None
-    ) -> None:
-        limit = self.publish_timeout if timeout is None else timeout
-        if qos == 0:
-            # No ack exists for QoS 0: wait until paho wrote it (it may raise while offline).
-            try:
-                info.wait_for_publish(limit)
-            except (RuntimeError, ValueError) as exc:
-                raise PublishError(f"publish to {topic!r} failed: {exc}") from exc
-            if not info.is_published():
-                raise PublishError(f"publish to {topic!r} was not written within {limit:g}s")
-            return
-        with self._lock:
-            if info.mid in self._acked_mids:
-                self._acked_mids.discard(info.mid)
-                return
-            event = self._ack_events[info.mid] = threading.Event()
-        try:
-            if not event.wait(limit):
-                raise PublishError(f"publish to {topic!r} was not acknowledged within {limit:g}s")
-        finally:
-            with self._lock:
-                self._ack_events.pop(info.mid, None)
+            self._outbox.append(item)  # the one step that publishes (see the docstring)
+        self._wake()
+        if item.done is not None:
+            limit = self.publish_timeout if timeout is None else timeout
+            if not _wait(item.done, limit):
+                what = "written" if qos == 0 else "acknowledged"
+                raise PublishError(f"publish to {topic!r} was not {what} within {limit:g}s")
+            if item.error is not None:
+                raise PublishError(f"publish to {topic!r} failed: {item.error}")
 
     def subscribe(
         self,
@@ -642,7 +541,7 @@ class MqttClient:
     ) -> None:
         """Subscribe and wait for the broker's SUBACK; re-subscribed after a reconnect.
 
-        ``callback(topic, payload)`` runs on paho's network thread; an exception in it is
+        ``callback(topic, payload)`` runs on the network thread; an exception in it is
         logged and does not stop the client.
 
         Raises:
@@ -665,26 +564,34 @@ class MqttClient:
 
         self._client.message_callback_add(topic, on_message)
         self._subs[topic] = qos
-        self._subscribe_and_wait(topic, qos, self.publish_timeout if timeout is None else timeout)
-
-    def _subscribe_and_wait(self, topic: str, qos: int, timeout: float) -> None:
         done = threading.Event()
         codes: list[ReasonCode] = []
-        # Hold the lock across subscribe() so the SUBACK cannot arrive before it is awaited.
-        with self._lock:
+        failure: list[MqttError] = []
+
+        def send() -> None:  # on the network thread: the SUBACK cannot overtake it
             try:
                 rc, mid = self._client.subscribe(topic, qos=qos)
             except ValueError as exc:
-                raise MqttError(f"cannot subscribe to {topic!r}: {exc}") from exc
+                failure.append(MqttError(f"cannot subscribe to {topic!r}: {exc}"))
+                done.set()
+                return
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                raise BrokerUnavailableError(
-                    f"cannot subscribe to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
+                failure.append(
+                    BrokerUnavailableError(
+                        f"cannot subscribe to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
+                    )
                 )
+                done.set()
+                return
             self._suback[mid] = (done, codes)
-        if not done.wait(timeout):
-            with self._lock:
-                self._suback.pop(mid, None)
+
+        self._calls.append(send)
+        self._wake()
+        limit = self.publish_timeout if timeout is None else timeout
+        if not _wait(done, limit):
             raise MqttError(f"broker did not acknowledge the subscription to {topic!r}")
+        if failure:
+            raise failure[0]
         if codes and codes[0].is_failure:
             raise MqttError(
                 f"broker refused the subscription to {topic!r} ({codes[0].getName()}): "
@@ -692,13 +599,174 @@ class MqttClient:
                 rc=codes[0].value,
             )
 
-    # -- paho callbacks (network thread) ----------------------------------------------------
+    # -- the network thread -----------------------------------------------------------------
 
-    def _settle(self) -> None:
-        with self._lock:
-            self._pending -= 1
-            if self._pending == 0:
+    def _start_loop(self) -> None:
+        thread = threading.Thread(
+            target=self._run, name=f"keeper-task-mqtt-{self.client_id}", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+
+    def _stop_loop(self) -> None:
+        """Stop the network thread: DISCONNECT is sent if the connection is up."""
+        thread = self._thread
+        self._stop.set()
+        self._wake(force=True)
+        if thread is not None and thread.ident != threading.get_ident():
+            # The thread may be inside paho's reconnect(), bounded by the connect timeout.
+            thread.join(min(self.connect_timeout, _MAX_WAIT) + _STOP_GRACE + _TICK)
+        self._close_socket()
+
+    def _wake(self, *, force: bool = False) -> None:
+        """Make the network thread look at its queues (at most one wake-up in flight)."""
+        if self._wake_pending and not force:
+            return
+        if threading.get_ident() == self._loop_ident:
+            return  # the loop looks at its queues before it waits again
+        # Set before the send: a publisher that sees it set knows the loop will still
+        # look at the outbox after its append (the loop clears it before looking).
+        self._wake_pending = True
+        wake_w = self._wake_w
+        if wake_w is not None:
+            with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+                wake_w.send(b"\0")
+
+    def _run(self) -> None:
+        """The network thread: paho driven through its external-loop API."""
+        self._loop_ident = threading.get_ident()
+        client = self._client
+        wake_r = self._wake_r
+        assert wake_r is not None
+        stop_by: float | None = None
+        try:
+            while True:
+                sock: Any = client.socket()
+                if self._stop.is_set():
+                    if stop_by is None:
+                        stop_by = time.monotonic() + _STOP_GRACE
+                        if sock is not None:
+                            client.disconnect()  # paho closes the socket once it is written
+                    elif time.monotonic() >= stop_by:
+                        break
+                if sock is None:
+                    if self._stop.is_set() or not self._established:
+                        break
+                    self._reconnect()
+                    continue
+                self._move_outbox()
+                tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+                wait = 0.0 if tls_pending or self._outbox or self._calls else _TICK
+                if stop_by is not None:
+                    wait = min(wait, 0.05)
+                try:
+                    readable, _, _ = select.select(
+                        [sock, wake_r], [sock] if client.want_write() else [], [], wait
+                    )
+                except (OSError, ValueError):
+                    readable = [sock]  # closed under us: paho's read reports it
+                # Cleared before the outbox is read: a publish after this wakes us again.
+                self._wake_pending = False
+                if wake_r in readable:
+                    with contextlib.suppress(OSError):
+                        wake_r.recv(4096)
+                    self._move_outbox()
+                if sock in readable or tls_pending:
+                    client.loop_read()
+                if client.want_write():
+                    client.loop_write()
+                client.loop_misc()
+        except Exception as exc:
+            if self._log is not None:
+                self._log.error("mqtt.network_thread_failed", error=repr(exc))
+        finally:
+            self._loop_ident = None
+            self._connack.set()  # connect() stops waiting: the connection is gone
+            self._close_wake()
+            with self._drained:
                 self._drained.notify_all()
+
+    def _reconnect(self) -> None:
+        """Wait (paho's default back-off, 1 s doubling to 120 s), then reconnect once."""
+        self._reconnect_delay = min(max(2 * self._reconnect_delay, _RECONNECT_MIN), _RECONNECT_MAX)
+        if self._stop.wait(self._reconnect_delay):
+            return
+        try:
+            self._client.reconnect()
+        except Exception as exc:  # refused, unreachable, TLS: try again after the back-off
+            if self._log is not None:
+                self._log.info("mqtt.reconnect_failed", reason=_reason(exc))
+        self._settle_dropped()
+
+    def _move_outbox(self) -> None:
+        """Hand queued subscribes and publishes to paho (on the network thread)."""
+        calls = self._calls
+        while calls:
+            calls.popleft()()
+        outbox = self._outbox
+        inflight = self._inflight
+        publish = self._client.publish
+        while outbox:
+            self._in_hand = 1  # before the pop: unacked never misses the message
+            item = outbox.popleft()
+            try:
+                info = publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+            except (ValueError, TypeError) as exc:  # checked in publish(); paho may add checks
+                self._in_hand = 0
+                self._fail(item, str(exc))
+                continue
+            rc = info.rc
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+                rc == MQTTErrorCode.MQTT_ERR_NO_CONN and item.qos > 0
+            ):
+                # QoS>0 without a connection stays queued in paho, resent after a reconnect.
+                item.info = info
+                inflight[info.mid] = item
+                self._in_hand = 0
+            else:
+                self._in_hand = 0
+                self._fail(item, paho.error_string(rc))
+
+    def _settle_dropped(self) -> None:
+        # paho's reconnect() discards QoS 0 packets not yet written: it marks them published
+        # with an error code and calls no on_publish, so they are settled here.
+        for mid, item in list(self._inflight.items()):
+            info = item.info
+            if item.qos == 0 and info is not None and info.is_published():
+                del self._inflight[mid]
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._done(item)
+                else:
+                    self._fail(item, "the connection was lost before it was written")
+
+    def _done(self, item: _Outgoing) -> None:
+        if item.done is not None:
+            item.done.set()
+        if not self._inflight and not self._outbox:
+            with self._drained:
+                self._drained.notify_all()
+
+    def _fail(self, item: _Outgoing, reason: str) -> None:
+        self._failed += 1
+        item.error = reason
+        if self._log is not None:
+            self._log.warning("mqtt.publish_failed", topic=item.topic, reason=reason)
+        self._done(item)
+
+    def _close_wake(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+
+    def _close_socket(self) -> None:
+        # After an interrupted connect or a stop that could not finish in time: paho would
+        # otherwise keep the socket open until the client is garbage-collected.
+        sock = self._client.socket()
+        if sock is not None and (self._thread is None or not self._thread.is_alive()):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    # -- paho callbacks (network thread) ----------------------------------------------------
 
     def _on_socket_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         # Called for the first connect and for every reconnect.
@@ -706,18 +774,20 @@ class MqttClient:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _on_register_write(self, _c: paho.Client, _u: Any, _sock: Any) -> None:
+        self._wake()  # paho queued a packet from another thread (connect())
+
     def _on_connect(
         self, _c: paho.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any
     ) -> None:
         self._connack_rc = rc
-        if rc.is_failure and not self._open:
-            # Ends paho's loop now instead of after its 1 s reconnect pause.
-            self._closing = True
-            self._client.disconnect()
+        if not rc.is_failure:
+            self._established = True
+            self._reconnect_delay = 0.0
         self._connack.set()
         if self._open and not rc.is_failure:
             # A reconnect: the clean session dropped our subscriptions.
-            for topic, qos in self._subs.items():
+            for topic, qos in list(self._subs.items()):
                 self._client.subscribe(topic, qos=qos)
             if self._log is not None:
                 self._log.info("mqtt.reconnected", host=self.host, port=self.port)
@@ -725,28 +795,94 @@ class MqttClient:
     def _on_disconnect(
         self, _c: paho.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any
     ) -> None:
-        if not self._closing and self._open and self._log is not None:
-            self._log.warning("mqtt.connection_lost", reason=rc.getName(), unacked=self._pending)
+        if not self._stop.is_set() and self._open and self._log is not None:
+            self._log.warning("mqtt.connection_lost", reason=rc.getName(), unacked=self.unacked)
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _props: Any) -> None:
-        # Runs under paho's message lock: never log or publish from here.
-        if self._waiters:
-            with self._lock:
-                event = self._ack_events.get(mid)
-                if event is not None:
-                    event.set()
-                elif self._waiters:
-                    self._acked_mids.add(mid)  # acked before its waiter registered
-        self._settle()
+        item = self._inflight.pop(mid, None)
+        if item is not None:
+            self._done(item)
 
     def _on_subscribe(
         self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _props: Any
     ) -> None:
-        with self._lock:
-            waiter = self._suback.pop(mid, None)
+        waiter = self._suback.pop(mid, None)
         if waiter is not None:
             waiter[1].extend(codes)
             waiter[0].set()
+
+
+class _Outgoing:
+    """One publish on its way: queued by any thread, handed to paho by the network thread."""
+
+    __slots__ = ("done", "error", "info", "payload", "qos", "retain", "topic")
+
+    def __init__(
+        self, topic: str, payload: bytes, qos: int, retain: bool, done: threading.Event | None
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.done = done  # set when settled (publish(wait=True))
+        self.error: str | None = None
+        self.info: paho.MQTTMessageInfo | None = None
+
+
+def _encode(topic: str, payload: object) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PublishError(f"payload for {topic!r} is not valid text: {exc}") from exc
+    if isinstance(payload, (Mapping, list)):
+        try:
+            return _JSON.encode(payload).encode("utf-8")
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            raise PublishError(f"payload for {topic!r} is not JSON-serialisable: {exc}") from exc
+    raise PublishError(
+        f"payload for {topic!r} must be bytes, str, dict or list, not {type(payload).__name__}"
+    )
+
+
+def _check_topic(topic: str) -> None:
+    """paho's topic checks, made in the caller's thread (paho runs on the network thread)."""
+    reason = None
+    if not topic:
+        reason = "the topic is empty"
+    elif "+" in topic or "#" in topic:
+        reason = "a topic name cannot contain the wildcards '+' or '#'"
+    else:
+        try:
+            if len(topic.encode("utf-8")) > 65535:
+                reason = "the topic is longer than 65,535 bytes"
+        except UnicodeEncodeError as exc:
+            reason = f"the topic is not valid text ({exc})"
+    if reason is not None:
+        raise PublishError(f"cannot publish to {topic!r}: {reason}")
+
+
+def _check_publish(topic: str, qos: int, size: int) -> None:
+    reason = None
+    if qos not in (0, 1, 2):
+        reason = f"QoS must be 0, 1 or 2, not {qos!r}"
+    elif size > _MAX_PAYLOAD:
+        reason = f"the payload has {size} bytes, more than MQTT allows ({_MAX_PAYLOAD})"
+    if reason is not None:
+        raise PublishError(f"cannot publish to {topic!r}: {reason}")
+
+
+def _wait(event: threading.Event, timeout: float) -> bool:
+    """``event.wait(timeout)`` for any timeout (threading refuses more than TIMEOUT_MAX)."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while not event.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        event.wait(min(remaining, _MAX_WAIT))
+    return True
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from keeper_task.errors import (
     BrokerUnavailableError,
@@ -21,7 +20,6 @@ from keeper_task.errors import (
 from keeper_task.mqtt import (
     DEFAULT_CLIENT_ID_TEMPLATE,
     MqttClient,
-    _Client,
     build_client_id,
     topic_allowed,
 )
@@ -346,80 +344,3 @@ def test_publish_wait_times_out_when_broker_stops_acking():
             client.publish("t", b"x", wait=True, timeout=0.3)
         assert client.unacked == 1
         assert client.disconnect(timeout=0.2) == 1
-
-
-class _TrickleSocket:
-    """A socket that accepts at most ``chunk`` bytes per send and sometimes none at all."""
-
-    def __init__(self, chunk: int, reads: list[bytes] | None = None) -> None:
-        self.chunk = chunk
-        self.sent = bytearray()
-        self.sends = 0
-        self.reads = list(reads or [])
-
-    def send(self, data: bytes) -> int:
-        self.sends += 1
-        if self.sends % 3 == 0:
-            raise BlockingIOError
-        n = min(self.chunk, len(data))
-        self.sent += data[:n]
-        return n
-
-    def recv(self, bufsize: int) -> bytes:
-        if not self.reads:
-            raise BlockingIOError
-        data, self.reads[0] = self.reads[0][:bufsize], self.reads[0][bufsize:]
-        if not self.reads[0]:
-            self.reads.pop(0)
-        return data
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 100, 10**6])
-def test_coalesced_writes_keep_every_byte_in_order_across_partial_writes(chunk):
-    client = _Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="x")
-    sock = _TrickleSocket(chunk)
-    client._sock = sock  # type: ignore[assignment]
-    expected = bytearray()
-    for mid in range(1, 60):
-        packet = bytes([0x32]) + mid.to_bytes(2, "big") * (mid % 9 + 1)
-        expected += packet
-        client._out_packet.append(
-            {
-                "command": 0x30,
-                "mid": mid,
-                "qos": 1,
-                "pos": 0,
-                "to_process": len(packet),
-                "packet": packet,
-                "info": None,
-            }
-        )
-    for _ in range(100_000):
-        if not client._out_packet:
-            break
-        client._packet_write()
-    assert not client._out_packet
-    assert bytes(sock.sent) == bytes(expected)
-    if chunk == 10**6:
-        assert sock.sends < 10  # joined, not one write per packet
-
-
-def test_read_ahead_returns_the_stream_in_order_and_is_dropped_with_the_socket():
-    client = _Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="x")
-    stream = bytes(range(256)) * 3
-    sock = _TrickleSocket(1, reads=[stream[:500], stream[500:]])
-    client._sock = sock  # type: ignore[assignment]
-    got = bytearray()
-    for size in [1, 1, 2, 3, 100, 1, 1000, 5] * 10:
-        try:
-            got += client._sock_recv(size)
-        except BlockingIOError:
-            break
-    assert bytes(got) == stream
-    sock.reads = [b"abc"]
-    assert client._sock_recv(1) == b"a"
-    client._sock_close()
-    assert client._rbuf == b"" and client._rpos == 0
