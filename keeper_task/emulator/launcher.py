@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from keeper_task.emulator.behaviour import AgentBehaviour
 from keeper_task.emulator.records import Notice, OutputLine, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.errors import EmulatorError
@@ -271,6 +272,8 @@ class Launcher:
         register_delay: Seconds between a spawn and its registration.
         kill_grace: Seconds between terminate and kill on timeout.
         extra_env: Variables added to every task's environment.
+        behaviour: Undocumented agent behaviours to emulate: how trigger context is passed
+            and whether a signal precedes the timeout kill.
     """
 
     def __init__(
@@ -282,7 +285,11 @@ class Launcher:
         register_delay: float = 0.0,
         kill_grace: float = 2.0,
         extra_env: Mapping[str, str] | None = None,
+        behaviour: AgentBehaviour | None = None,
     ) -> None:
+        self.behaviour = behaviour or AgentBehaviour(
+            register_delay=register_delay, kill_grace=kill_grace
+        )
         self.registry = registry
         self.recorder = recorder
         self.api_base = api_base
@@ -368,6 +375,8 @@ class Launcher:
                 task, agent_root=agent_root, override=override, fallback_script=fallback_script
             )
             argv, unknown = build_argv(command, task.arguments, self.api_base)
+            delivery = self.behaviour.deliver_context(run.context)
+            argv.extend(delivery.args)
         except EmulatorError as exc:
             task_run.error = exc.message
             task_run.exit_code = EXIT_NOT_STARTED
@@ -392,10 +401,10 @@ class Launcher:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if delivery.stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=self.environment(job, env),
+                env={**self.environment(job, env), **delivery.env},
                 **popen_kwargs,
             )
         except OSError as exc:
@@ -405,6 +414,11 @@ class Launcher:
             return task_run
         pid = proc.pid
         task_run.pid = pid
+        if delivery.stdin is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):  # a task that never reads stdin may exit first
+                proc.stdin.write(delivery.stdin)
+                await proc.stdin.drain()
+                proc.stdin.close()
         self.registry.register(pid, job.id or "", delay=self.register_delay)
         self._procs[pid] = proc
         readers = [
@@ -425,7 +439,7 @@ class Launcher:
                         f"{limit:g} s: killing its process tree"
                     )
                 )
-                await self.kill_tree(pid)
+                await self.kill_tree(pid, signal_first=self.behaviour.signal_before_kill)
                 await _exited(proc)
             task_run.duration = time.monotonic() - started
             if self._stopping:
@@ -448,6 +462,7 @@ class Launcher:
             for reader in readers:
                 reader.cancel()
             self._procs.pop(pid, None)
+            delivery.cleanup()
             self.registry.unregister(pid)
             if not task_run.duration:
                 task_run.duration = time.monotonic() - started
@@ -472,14 +487,17 @@ class Launcher:
             lines.append(text)
             self.recorder.add(OutputLine(run.run_id, task_run.task_id, name, text, task_run.pid))
 
-    async def kill_tree(self, pid: int) -> None:
-        """Terminate ``pid`` and its descendants, then kill what is left after the grace."""
+    async def kill_tree(self, pid: int, *, signal_first: bool = True) -> None:
+        """Terminate ``pid`` and its descendants, then kill what is left after the grace.
+
+        ``signal_first=False`` kills at once, without the terminate signal.
+        """
         proc = self._procs.get(pid)
 
         def exited() -> bool:
             return proc is None or proc.returncode is not None
 
-        await asyncio.to_thread(_kill_tree, pid, self.kill_grace, exited)
+        await asyncio.to_thread(_kill_tree, pid, self.kill_grace, exited, signal_first)
 
     async def _reap_leftovers(self, pid: int, job: Job, task_id: str) -> None:
         """Kill processes the task left running in its session (POSIX)."""
@@ -506,7 +524,9 @@ class Launcher:
             await self.kill_tree(pid)
 
 
-def _kill_tree(pid: int, grace: float, root_exited: Callable[[], bool]) -> None:
+def _kill_tree(
+    pid: int, grace: float, root_exited: Callable[[], bool], signal_first: bool = True
+) -> None:
     """Terminate ``pid`` and its descendants; kill what is left after ``grace`` seconds.
 
     ``pid`` is the emulator's own child and is never waited for here: psutil would reap it,
@@ -520,7 +540,10 @@ def _kill_tree(pid: int, grace: float, root_exited: Callable[[], bool]) -> None:
         root, children = None, []
     for proc in [*children, *([root] if root is not None else [])]:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
+            if signal_first:
+                proc.terminate()
+            else:
+                proc.kill()
     alive = _wait_gone(children, grace)
     if root is not None and not _poll(root_exited, grace):
         alive.append(root)
