@@ -631,8 +631,10 @@ class _Batcher:
         interval: float = 0.05,
         limit: int = 512,
         threaded: bool = True,
+        shield_sink: bool = False,
     ) -> None:
         self._sink = sink
+        self._shield_sink = shield_sink
         self._name = name
         self._interval = interval
         self._limit = limit
@@ -674,10 +676,26 @@ class _Batcher:
             self._pending.extend(items)
 
     def flush(self) -> None:
-        """Hand every pending item to the sink now, in order."""
+        """Hand every pending item to the sink now, in order.
+
+        Taking the items and handing them over is one critical section when
+        ``shield_sink`` (a stop request waits until the sink returned); otherwise only
+        taking them is, so a stop request can cut a blocking sink (a full stderr pipe)
+        short, and the items it was given are lost for that sink only.
+        """
         with self._sink_lock:
-            with self._pending_lock:
-                items, self._pending = self._pending, []
+            guard = _guard
+            guard.depth += 1
+            try:
+                with self._pending_lock:
+                    items, self._pending = self._pending, []
+                if items and self._shield_sink:
+                    self._sink(items)
+                    items = []
+            finally:
+                guard.depth -= 1
+                if guard.depth == 0 and guard.deferred is not None:
+                    _run_deferred()
             if items:
                 self._sink(items)
 
@@ -842,7 +860,11 @@ class LogPipeline:
             if self._mqtt_batch is not None:
                 self._mqtt_batch.close()
             queue = _Batcher(
-                self._publish_many, name="keeper-task-keeperlogger", limit=256, threaded=batch
+                self._publish_many,
+                name="keeper-task-keeperlogger",
+                limit=256,
+                threaded=batch,
+                shield_sink=True,
             )
             payloads = [self._serialize(record, None) for record in self._buffer]
             self._buffer.clear()
@@ -989,15 +1011,14 @@ class LogPipeline:
             return None
 
     def _publish_many(self, payloads: list[bytes]) -> None:
+        # Runs inside the batcher's critical section: a stop request waits until every
+        # payload was handed over and counted, so "handed over" and "counted" agree.
         publish = self._publish
         guard = _guard
         for payload in payloads:
             if publish is None:
                 self._failed(RuntimeError("the pipeline was detached before this was sent"))
                 continue
-            # One critical section per event: a stop request waits for this publish to
-            # return and be counted, so "handed over" and "counted" never disagree.
-            guard.depth += 1
             guard.publishing = True
             try:
                 publish(payload)
@@ -1007,9 +1028,6 @@ class LogPipeline:
                 self.published += 1
             finally:
                 guard.publishing = False
-                guard.depth -= 1
-                if guard.depth == 0 and guard.deferred is not None:
-                    _run_deferred()
 
     def _failed(self, exc: Exception) -> None:
         self.publish_failures += 1

@@ -297,15 +297,27 @@ def _run_in_process(
         values["KEEPER_JOB_NAME"] = job.name or ""
     values.update(env or {})
     out, err = io.StringIO(), io.StringIO()
-    with (
-        agent.trusting(os.getpid()),
-        _environment(values),
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-    ):
-        try:
-            exit_code = int(task_cls.execute(argv))
-        except SystemExit as exc:  # --help and friends
-            exit_code = exc.code if isinstance(exc.code, int) else 1
+    import structlog
+
+    # The run configures structlog to write to `err`; the caller's configuration comes back
+    # afterwards (a later structlog.get_logger() must not log into this dead StringIO).
+    was_configured = structlog.is_configured()
+    saved_config = structlog.get_config()
+    try:
+        with (
+            agent.trusting(os.getpid()),
+            _environment(values),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            try:
+                exit_code = int(task_cls.execute(argv))
+            except SystemExit as exc:  # --help and friends
+                exit_code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if was_configured:
+            structlog.configure(**saved_config)
+        else:
+            structlog.reset_defaults()
     agent.drain()
     return exit_code, out.getvalue(), err.getvalue()

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import pty
 import select
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from keeper_task import Task, TaskContext
 from keeper_task.errors import SettingsError
-from keeper_task.logging import REDACTED, configure_logging, looks_secret
+from keeper_task.logging import (
+    REDACTED,
+    configure_logging,
+    critical_section,
+    defer_until_safe,
+    in_critical_section,
+    looks_secret,
+)
 from keeper_task.mqtt import MqttClient
+from keeper_task.testing import run_task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def lines(buf: io.StringIO) -> list[str]:
@@ -372,3 +389,240 @@ def test_batched_publishing_keeps_order_and_hands_over_on_warning_and_detach() -
     pipeline.detach()
     assert sent[6:] == [*(["bulk"] * 300), "last"]
     assert pipeline.published == len(sent) == 307
+
+
+# -- shutdown races: every event is delivered or counted ---------------------------------
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "direct"])
+@pytest.mark.parametrize("failing", [False, True], ids=["ok", "every-7th-fails"])
+def test_detach_while_threads_log_delivers_or_counts_every_event(batch, failing) -> None:
+    """8 threads log while detach() runs: sent + undelivered + after_detach == logged, exactly."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err)
+    sent: list[bytes] = []
+    calls = itertools.count(1)
+
+    def publish(payload: bytes) -> None:
+        if failing and next(calls) % 7 == 0:
+            raise OSError("broker gone")
+        sent.append(payload)
+
+    pipeline.attach(publish, batch=batch)
+    log = pipeline.get_logger()
+    threads_n, minimum, after = 8, 400, 50
+    logged = [0] * threads_n
+    started = threading.Barrier(threads_n + 1)
+
+    def worker(n: int) -> None:
+        started.wait()
+        seen_detached = 0
+        i = 0
+        # At least `minimum` events, and `after` more once the detach was seen: the detach
+        # lands in the middle of the burst whatever the scheduling.
+        while i < minimum or seen_detached < after:
+            log.info("burst", thread=n, i=i)
+            i += 1
+            if not pipeline.attached:
+                seen_detached += 1
+        logged[n] = i
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    started.wait()
+    while pipeline._logged < threads_n * 50:  # detach once every thread is under way
+        time.sleep(0)
+    pipeline.detach()
+    for t in threads:
+        t.join()
+    total = sum(logged)
+    assert len(sent) + pipeline.undelivered + pipeline.after_detach == total
+    assert pipeline.after_detach >= threads_n * after
+    assert len(sent) == pipeline.published
+    if failing:
+        assert pipeline.undelivered == pipeline.publish_failures > 0
+        summary = [d for d in json_lines(err) if d["message"] == "keeper_logger.summary"]
+        assert len(summary) == 1
+        assert summary[0]["properties"]["undelivered"] == pipeline.undelivered
+    else:
+        assert pipeline.undelivered == 0
+    # Per thread, what was sent keeps the logging order.
+    for n in range(threads_n):
+        mine = [json.loads(p)["properties"] for p in sent]
+        order = [m["i"] for m in mine if m["thread"] == n]
+        assert order == sorted(order)
+
+
+def test_batcher_close_racing_adds_hands_over_every_item() -> None:
+    """Items added by many threads while close() runs all reach the sink, in per-thread order
+    (the flusher thread flushes once more before it ends; close marks closed first)."""
+    from keeper_task.logging import _Batcher
+
+    for _round in range(20):
+        got: list[tuple[int, int]] = []
+        batcher = _Batcher(got.extend, name="test-batcher", limit=10_000)
+        gate = threading.Barrier(5)
+
+        def adder(n: int, b: _Batcher = batcher, g: threading.Barrier = gate) -> None:
+            g.wait()
+            for i in range(300):
+                if b.add((n, i)):
+                    b.flush()
+
+        threads = [threading.Thread(target=adder, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        gate.wait()
+        batcher.close()
+        for t in threads:
+            t.join()
+        batcher.flush()  # what arrived after close was flushed by its adder; nothing is left
+        assert batcher.pending == 0
+        assert sorted(got) == [(n, i) for n in range(4) for i in range(300)]
+        for n in range(4):
+            assert [i for m, i in got if m == n] == list(range(300))
+
+
+def test_events_after_detach_are_counted_in_one_line_at_exit(tmp_path) -> None:
+    """A process that logs after detach() ends with one keeper_logger.after_detach line
+    giving the exact count; the summary line counts the failed publishes."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "from keeper_task.logging import configure_logging\n"
+        "p = configure_logging(fmt='json')\n"
+        "log = p.get_logger()\n"
+        "def publish(payload):\n"
+        "    raise OSError('down')\n"
+        "p.attach(publish)\n"
+        "log.info('before')\n"
+        "p.detach()\n"
+        "for i in range(3):\n"
+        "    log.info('late', i=i)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(line) for line in proc.stderr.splitlines()]
+    names = [d["message"] for d in docs]
+    assert names == [
+        "before",
+        "keeper_logger.publish_failed",
+        "keeper_logger.summary",
+        "late",
+        "late",
+        "late",
+        "keeper_logger.after_detach",
+    ]
+    assert docs[2]["properties"] == {
+        "published": 0,
+        "undelivered": 1,
+        "failed": 1,
+        "buffer_dropped": 0,
+    }
+    assert docs[-1]["properties"]["count"] == 3
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_stop_requests_landing_in_the_pipeline_lose_nothing() -> None:
+    """Signals raise in the main thread while it logs (as SIGTERM does in a task): with the
+    handler deferring through defer_until_safe, every event that reached stderr was
+    published exactly once, in order, and none is counted as lost."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err)
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)  # direct: each log call publishes on the main thread
+    log = pipeline.get_logger()
+    raised = 0
+    armed = [False]  # raise only around the log call: elsewhere the test itself would break
+
+    def stop() -> None:
+        armed[0] = False  # one raise per log call
+        raise _Stop
+
+    def handler(_signum: int, _frame: Any) -> None:
+        if not armed[0]:
+            return
+        if not defer_until_safe(stop):
+            stop()
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    done = threading.Event()
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def killer() -> None:
+        for _ in range(3000):
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0)  # yield the GIL so the main thread logs between signals
+        done.set()
+
+    thread = threading.Thread(target=killer)
+    i = 0
+    try:
+        thread.start()
+        while not done.is_set():
+            try:
+                armed[0] = True
+                log.info("tick", i=i)
+                armed[0] = False
+            except _Stop:
+                raised += 1
+            i += 1
+        thread.join()
+    finally:
+        armed[0] = False
+        signal.signal(signal.SIGUSR1, old)
+    pipeline.detach()
+    on_stderr = [d["properties"]["i"] for d in json_lines(err) if d["message"] in ("tick", "tail")]
+    published = [json.loads(p)["properties"]["i"] for p in sent]
+    assert raised > 0  # the signals did land
+    assert pipeline.undelivered == 0
+    assert len(published) == len(set(published)) == pipeline.published  # once each
+    assert published == sorted(published)
+    assert set(on_stderr) <= set(published)
+    assert not in_critical_section()
+
+
+def test_critical_section_defers_an_action_until_it_ends() -> None:
+    """defer_until_safe runs nothing outside a critical section and, inside one, runs the
+    action exactly once when the outermost section ends."""
+    ran: list[str] = []
+    assert defer_until_safe(lambda: ran.append("x")) is False
+    with critical_section():
+        with critical_section():
+            assert in_critical_section()
+            assert defer_until_safe(lambda: ran.append("first")) is True
+            assert defer_until_safe(lambda: ran.append("second")) is True
+        assert ran == []
+    assert ran == ["first"]
+    assert not in_critical_section()
+
+
+def test_run_task_restores_the_structlog_configuration(agent) -> None:
+    """After an in-process run_task, structlog logs where it did before, not into the dead
+    StringIO the run captured."""
+    before = io.StringIO()
+    configure_logging(fmt="json", stream=before)
+    config = structlog.get_config()
+
+    class Quiet(Task):
+        def run(self, ctx: TaskContext) -> None:
+            ctx.log.info("inside")
+
+    result = run_task(agent, Quiet)
+    assert result.exit_code == 0, result.stderr
+    assert "inside" in result.stderr
+    assert structlog.get_config() == config
+    structlog.get_logger("lib").info("after.run")
+    assert [d["message"] for d in json_lines(before)] == ["after.run"]
+    assert "after.run" not in result.stderr
