@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -348,3 +349,128 @@ def test_scaffold_installs_passes_its_tests_and_runs_under_dev_run(tmp_path: Pat
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "demo_task.finished" in run.stdout
+
+
+class _FakeDistribution:
+    """Stands in for importlib.metadata's record of how keeper-task was installed."""
+
+    def __init__(self, direct_url: dict[str, object] | None, version: str = "0.3.1") -> None:
+        self.version = version
+        self._direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        if name == "direct_url.json" and self._direct_url is not None:
+            return json.dumps(self._direct_url)
+        return None
+
+
+@pytest.mark.parametrize(
+    ("direct_url", "expected", "origin"),
+    [
+        (None, "keeper-task>=0.3.1,<0.4", "installed from a package index"),
+        (
+            {"url": "file:///src/keeper-task", "dir_info": {"editable": True}},
+            "keeper-task @ file:///src/keeper-task",
+            "from a local checkout (file:///src/keeper-task)",
+        ),
+        (
+            {"url": "file:///w/keeper_task-0.3.1-py3-none-any.whl", "archive_info": {}},
+            "keeper-task @ file:///w/keeper_task-0.3.1-py3-none-any.whl",
+            "from a wheel",
+        ),
+        (
+            {
+                "url": "https://example.invalid/keeper-task.git",
+                "vcs_info": {"vcs": "git", "commit_id": "abc123"},
+            },
+            "keeper-task @ git+https://example.invalid/keeper-task.git@abc123",
+            "that same revision",
+        ),
+    ],
+)
+def test_keeper_task_requirement_follows_where_keeper_task_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+    direct_url: dict[str, object] | None,
+    expected: str,
+    origin: str,
+) -> None:
+    """Index install -> a version range; checkout, wheel or VCS -> a direct reference."""
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "distribution", lambda _name: _FakeDistribution(direct_url))
+    requirement, why = scaffold.detect_keeper_task_spec()
+    assert requirement == expected
+    assert origin in why
+    spec = scaffold.make_spec("demo", keeper_task_spec=requirement, keeper_task_origin=why)
+    assert spec.keeper_task_spec == expected  # accepted by the TOML-safety check
+
+
+def test_new_says_which_requirement_it_wrote_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The requirement and its reason are on screen and in the generated README; the
+    override (option or KEEPER_TASK_SPEC) wins and is named as the reason."""
+    from importlib import metadata
+
+    checkout = {"url": "file:///src/keeper-task", "dir_info": {"editable": True}}
+    monkeypatch.setattr(metadata, "distribution", lambda _name: _FakeDistribution(checkout))
+    monkeypatch.delenv("KEEPER_TASK_SPEC", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, out, _err = _new(capsys, "demo-task")
+    assert code == 0
+    assert "  requires: keeper-task @ file:///src/keeper-task\n" in out
+    assert "cd demo-task && " in out and " dev run\n" in out
+    project = tmp_path / "demo-task"
+    pyproject = (project / "pyproject.toml").read_text()
+    assert '"keeper-task @ file:///src/keeper-task",' in pyproject
+    assert '"keeper-task[emulator] @ file:///src/keeper-task",' in pyproject
+    readme = " ".join((project / "README.md").read_text().split())
+    assert (
+        "The project requires `keeper-task @ file:///src/keeper-task` (in `pyproject.toml`): "
+        "keeper-task was installed from a local checkout (file:///src/keeper-task)"
+    ) in readme
+    monkeypatch.setenv("KEEPER_TASK_SPEC", "keeper-task>=0.1")
+    code, out, _err = _new(capsys, "env-task")
+    assert code == 0 and "given with KEEPER_TASK_SPEC" in out
+    assert '"keeper-task>=0.1",' in (tmp_path / "env-task" / "pyproject.toml").read_text()
+    code, out, _err = _new(capsys, "opt-task", "--keeper-task-spec", "keeper-task>=0.2")
+    assert code == 0 and "given with --keeper-task-spec" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_generated_project_installs_and_passes_its_tests_in_its_own_fresh_venv(
+    tmp_path: Path,
+) -> None:
+    """`keeper-task new` with no option, then a brand-new venv with pip (no overlay, nothing
+    shared with this environment): `pip install -e '.[test]'` resolves keeper-task from where
+    this keeper-task came from (packages from the index) and the project's tests pass."""
+    from importlib import metadata
+
+    raw = metadata.distribution("keeper-task").read_text("direct_url.json")
+    if not raw or not json.loads(raw).get("url", "").startswith("file:"):
+        pytest.skip("this keeper-task is not installed from a local checkout or wheel")
+    url = json.loads(raw)["url"]
+    env = env_with_venv(tmp_path / "unused")  # no agent variables, no PYTHONPATH
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("KEEPER_TASK_SPEC", None)
+    created = run_captured([sys.executable, "-m", "keeper_task.cli", "new", "fresh-task"],
+                           env=env, cwd=tmp_path)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    project = tmp_path / "fresh-task"
+    assert f'"keeper-task @ {url}",' in (project / "pyproject.toml").read_text()
+    venv = project / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv_bin(venv) / ("python.exe" if os.name == "nt" else "python")
+    installed = run_captured(
+        [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[test]"],
+        env=env,
+        cwd=project,
+        timeout=800,
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    tests = run_captured(
+        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"], env=env, cwd=project, timeout=300
+    )
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "3 passed" in tests.stdout

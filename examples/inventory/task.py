@@ -27,8 +27,11 @@ from keeper_task import Task, TaskContext, TaskSettings
 class InventorySettings(TaskSettings):
     """Inventory report: the largest entries of a directory, reported to the agent."""
 
+    # --scan-dir DIR, env KEEPER_TASK_SCAN_DIR
     scan_dir: str = Field(default_factory=tempfile.gettempdir, description="directory to inventory")
+    # --max-items N, env KEEPER_TASK_MAX_ITEMS; outside 1-1000 the task exits 78
     max_items: int = Field(default=10, ge=1, le=1000, description="how many entries to report")
+    # --dry-run / --no-dry-run, env KEEPER_TASK_DRY_RUN
     dry_run: bool = Field(
         default=False, description="collect and log, but publish nothing on the event topic"
     )
