@@ -85,7 +85,12 @@ def test_single_setting_put_revert_and_status(plugin: httpx.Client) -> None:
     assert plugin.get(base).json() == {"poll.seconds": "5", "enabled": "true"}
     assert plugin.get(f"{base}/poll.seconds").json() == "5"
     assert plugin.put(f"{base}/poll.seconds", json={"value": 30}).status_code == 200
-    assert plugin.put(f"{base}/mode", content=b'"fast"').status_code == 200
+    json_type = {"Content-Type": "application/json"}
+    assert plugin.put(f"{base}/mode", content=b'"fast"', headers=json_type).status_code == 200
+    # ASP.NET [ApiController]: a body not declared as JSON is 415, and nothing changes.
+    refused = plugin.put(f"{base}/mode", content=b'"slow"')
+    assert refused.status_code == 415 and "application/json" in refused.json()["message"]
+    assert plugin.get(f"{base}/mode").json() == "fast"
     assert plugin.get(f"{base}/poll.seconds").json() == "30"
     status = plugin.get(f"{base}/status").json()
     assert status["changed"] is True and set(status["changedKeys"]) == {"poll.seconds", "mode"}
@@ -124,16 +129,22 @@ def test_jobs_need_the_admin_certificate(emu: Emulator) -> None:
     assert response.json()["requiredTier"] == "Admin"
 
 
-def test_certificate_from_another_ca_is_refused(emu: Emulator, tmp_path) -> None:
-    """A client certificate not issued by the emulator's admin CA never reaches a handler."""
+def test_certificate_from_another_ca_gets_403_with_the_tier(emu: Emulator, tmp_path) -> None:
+    """A client certificate from another CA completes TLS and gets the documented 403."""
     other = trustme.CA().issue_cert("intruder")
     ctx = ssl.create_default_context(cafile=str(emu.ca_bundle))
     other.configure_cert(ctx)
-    with httpx.Client(verify=ctx, trust_env=False) as client, pytest.raises(httpx.HTTPError):
-        client.get(emu.base_url + "/api/Jobs")
-    assert not any(
-        r.caller == "admin" and r.path == "/api/Jobs" and r.status == 200 for r in emu.requests[-1:]
-    )
+    with httpx.Client(verify=ctx, trust_env=False) as client:
+        refused = client.get(emu.base_url + "/api/Jobs")
+        health = client.get(emu.base_url + "/health")
+    assert refused.status_code == 403
+    assert refused.json()["requiredTier"] == "Admin"
+    assert "not issued by the agent's admin CA" in refused.json()["message"]
+    assert health.status_code == 200
+    assert [(r.path, r.status, r.caller) for r in emu.requests[-2:]] == [
+        ("/api/Jobs", 403, "foreign certificate"),
+        ("/health", 200, "foreign certificate"),
+    ]
 
 
 def test_job_crud_flow(emu: Emulator, admin: httpx.Client) -> None:

@@ -287,3 +287,18 @@ def test_keys_named_like_model_internals_stay_plain_unknown_keys(key: str) -> No
     job = parse_job(json.dumps(data))
     assert job.to_json_dict() == data
     assert job.extra_keys == {key: {"v": 1}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"priority": ' + "9" * 5000 + "}", "an integer has 5000 digits; at most 4300"),
+        ('{"priority": -' + "9" * 4301 + "}", "an integer has 4301 digits"),
+        ('{"priority": 1e999}', "the number 1e999 is out of range"),
+    ],
+)
+def test_numbers_python_cannot_hold_are_one_clear_error(text: str, message: str) -> None:
+    """A huge integer (Python's 4300-digit guard) or an overflowing double is a
+    JobDefinitionError naming the problem, never a bare ValueError."""
+    with pytest.raises(JobDefinitionError, match=message):
+        parse_job_json(text, source="big.json")

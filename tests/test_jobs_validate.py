@@ -24,6 +24,7 @@ from keeper_task.jobs import (
     resolve_binary,
     validate_job,
 )
+from keeper_task.jobs.validate import job_id_problems, suggest_job_id
 from tests.support.jobs import example_job, json_values, valid_jobs
 
 
@@ -66,7 +67,7 @@ def test_a_job_model_is_validated_like_its_json() -> None:
         (lambda j: j.update(id=""), "id is empty"),
         (lambda j: j.update(id=7), "id must be a string, got a number"),
         (lambda j: j.update(id="disk_usage"), "contains an underscore"),
-        (lambda j: j.update(id="a/b"), "must not contain '/'"),
+        (lambda j: j.update(id="a/b"), "contains '/', which cannot be in a file name"),
         (lambda j: j.pop("name"), "name is missing"),
         (lambda j: j.update(name="  "), "name is empty"),
         (lambda j: j.pop("enabled"), "enabled is missing"),
@@ -227,16 +228,31 @@ def test_binary_under_jobs_bin_is_found(tmp_path: Path) -> None:
     assert resolve_binary(example_job()["tasks"][0], tmp_path, "linux") == binary
 
 
-def test_missing_binary_names_every_place_looked(tmp_path: Path) -> None:
-    """The error lists Jobs/bin/<command>/<command> and executablePath."""
+def test_missing_binary_names_the_place_looked(tmp_path: Path) -> None:
+    """Without executablePath the error names Jobs/bin/<command>/<command>."""
+    errors = _errors(example_job(), agent_root=tmp_path, current_os="linux")
+    expected = tmp_path / "Jobs/bin/DiskUsageReporter/DiskUsageReporter"
+    assert errors == [
+        f"tasks[0]: binary for command 'DiskUsageReporter' not found at {expected}; "
+        "deploy the binary first (keeper-task job deploy --binary)"
+    ]
+
+
+def test_executable_path_must_exist_even_when_jobs_bin_has_the_binary(tmp_path: Path) -> None:
+    """The reference: the binary must exist at the path in the job JSON; Jobs/bin/ does not
+    stand in for a missing executablePath."""
+    _install(tmp_path, "DiskUsageReporter")
     job = example_job()
     job["tasks"][0]["executablePath"] = "/nowhere/DiskUsageReporter"
     errors = _errors(job, agent_root=tmp_path, current_os="linux")
-    expected = tmp_path / "Jobs/bin/DiskUsageReporter/DiskUsageReporter"
     assert errors == [
-        f"tasks[0]: binary for command 'DiskUsageReporter' not found at {expected} or "
+        "tasks[0]: binary for command 'DiskUsageReporter' not found at "
         "/nowhere/DiskUsageReporter; deploy the binary first (keeper-task job deploy --binary)"
     ]
+    job["tasks"][0]["executablePath"] = str(
+        tmp_path / "Jobs/bin/DiskUsageReporter/DiskUsageReporter"
+    )
+    assert _errors(job, agent_root=tmp_path, current_os="linux") == []
 
 
 def test_windows_binary_needs_exe_suffix(tmp_path: Path) -> None:
@@ -471,3 +487,60 @@ def test_job_shaped_garbage_never_crashes(
     assert not any("internal validator error" in e for e in report.errors)
     if report.valid:
         Job.model_validate(job)
+
+
+# -- ids that cannot be file names -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("job_id", "reason", "suggestion"),
+    [
+        ("x" * 251, "251 bytes long in UTF-8; at most 250", "x" * 250),
+        ("\u00e9" * 126, "252 bytes long in UTF-8", "\u00e9" * 125),
+        ("a\x00b", "contains '\\x00'", "a-b"),
+        ("..", "is not a file name", None),
+        (".", "is not a file name", None),
+        ('a:b*c<d>|e"', "contains '\"' '*' ':' '<' '>' '|'", "a-b-c-d-e"),
+        ("a?b", "contains '?'", "a-b"),
+        ("CON", "reserved Windows device name CON", "CON-job"),
+        ("nul", "reserved Windows device name NUL", "nul-job"),
+        ("com1", "reserved Windows device name COM1", "com1-job"),
+        ("LPT9.report", "reserved Windows device name LPT9", "LPT9-job.report"),
+        ("trailing.", "ends with a dot", "trailing"),
+        ("trailing ", "leading or trailing spaces", "trailing"),
+        ("my_job", "contains an underscore", "my-job"),
+        ("bad_id:x", "contains an underscore", "bad-id-x"),
+        ("a\ud800b", "unpaired UTF-16 surrogate", "a-b"),
+    ],
+)
+def test_ids_that_cannot_be_file_names_are_errors(
+    job_id: str, reason: str, suggestion: str | None
+) -> None:
+    """Every id that is not a file name on Linux, macOS and Windows is refused with the reason
+    and, where one exists, a valid suggestion (itself accepted)."""
+    problems = job_id_problems(job_id)
+    assert any(reason in p for p in problems), problems
+    assert any(reason in e for e in _errors(example_job(job_id)))
+    assert suggest_job_id(job_id) == suggestion
+    if suggestion is not None:
+        # A suggestion too long to read (the over-long ids) is not printed.
+        shown = any(f"for example {suggestion!r}" in p for p in problems)
+        assert shown == (len(suggestion) <= 64), problems
+        assert job_id_problems(suggestion) == []
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["disk-usage-reporter", "x" * 250, "68112CE4-A2A8-4243-83C9-90BF8D2188A0", "v1.2", "CONSOLE"],
+)
+def test_ids_that_are_file_names_everywhere_pass(job_id: str) -> None:
+    """Long-but-fitting ids, GUIDs, dots inside and names merely starting with CON pass."""
+    assert job_id_problems(job_id) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_suggested_ids_are_always_valid(job_id: str) -> None:
+    """Whatever the id, a suggestion (when there is one) passes every id rule."""
+    suggestion = suggest_job_id(job_id)
+    assert suggestion is None or job_id_problems(suggestion) == []

@@ -31,8 +31,9 @@ Plugin). A caller on the wrong tier gets 403 with ``{"error", "requiredTier", "m
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -68,8 +69,34 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
-def _errors(status: int, *messages: str, **extra: Any) -> web.Response:
-    return _json({"errors": list(messages), **extra}, status=status)
+def _bad_request(
+    *errors: str, warnings: Sequence[str] = (), job_id: str | None = None
+) -> web.Response:
+    """Every 400 has one shape, the ``/validate`` answer's: {valid, errors, warnings, jobId}."""
+    return _json(
+        {"valid": False, "errors": list(errors), "warnings": list(warnings), "jobId": job_id},
+        status=400,
+    )
+
+
+#: Media types a JSON body may be sent as (ASP.NET's JSON input formatter accepts these).
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _unsupported_media(request: web.Request) -> web.Response | None:
+    """415 for a body that is not declared JSON, as an ASP.NET [ApiController] answers."""
+    content_type = request.content_type  # aiohttp: application/octet-stream when absent
+    if content_type in _JSON_TYPES or content_type.endswith("+json"):
+        return None
+    sent = request.headers.get("Content-Type")
+    got = f"got {sent!r}" if sent else "none was given"
+    return _json(
+        {
+            "error": "UnsupportedMediaType",
+            "message": f"send the body with Content-Type: application/json ({got})",
+        },
+        status=415,
+    )
 
 
 def _emu(request: web.Request) -> Emulator:
@@ -80,11 +107,20 @@ def _emu(request: web.Request) -> Emulator:
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     emu = _emu(request)
     transport = request.transport
-    peer = transport.get_extra_info("peername") if transport else None
-    peer_host = str(peer[0]) if peer else ""
-    peer_port = int(peer[1]) if peer else 0
+    front_peer = None
+    if transport is not None and emu.front is not None:
+        front_peer = emu.front.peer(transport.get_extra_info("socket"))
+    if front_peer is not None:
+        peer_host, peer_port = front_peer.host, front_peer.port
+        shown, admin, refusal = front_peer.certificate, front_peer.admin, front_peer.reason
+    else:
+        peer = transport.get_extra_info("peername") if transport else None
+        peer_host = str(peer[0]) if peer else ""
+        peer_port = int(peer[1]) if peer else 0
+        admin = bool(transport.get_extra_info("peercert")) if transport else False
+        shown, refusal = admin, ""
     tier = required_tier(request.method, request.path)
-    caller = "anonymous"
+    caller = "admin" if admin else ("foreign certificate" if shown else "anonymous")
     pid: int | None = None
     fault: str | None = None
     response: web.StreamResponse | None = None
@@ -93,24 +129,23 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
             # Bound to 127.0.0.1, so this cannot happen; refuse anyway, like the agent.
             response = _json({"error": "Forbidden", "message": "loopback only"}, status=403)
             return response
-        peercert = transport.get_extra_info("peercert") if transport else None
-        if peercert:
-            caller = "admin"
         allowed = tier is Tier.PUBLIC
         if tier is Tier.ADMIN:
-            allowed = caller == "admin"
+            allowed = admin
         elif tier is Tier.PLUGIN:
             pid, trusted = emu.registry.identify(peer_port, emu.port)
             if pid is not None:
                 caller = f"pid {pid}"
             allowed = trusted
         if not allowed:
+            message = FORBIDDEN_MESSAGES[tier]
+            if tier is Tier.ADMIN and shown:
+                message = (
+                    "Admin credentials not accepted: the client certificate was not issued by "
+                    f"the agent's admin CA ({refusal or 'not trusted'})."
+                )
             response = _json(
-                {
-                    "error": "Forbidden",
-                    "requiredTier": tier.value,
-                    "message": FORBIDDEN_MESSAGES[tier],
-                },
+                {"error": "Forbidden", "requiredTier": tier.value, "message": message},
                 status=403,
             )
             return response
@@ -122,7 +157,18 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = _json({"error": exc.reason}, status=exc.status)
+            response = _json(
+                {"error": exc.reason, "message": f"{request.method} {request.path}: {exc.reason}"},
+                status=exc.status,
+            )
+        except Exception as exc:  # never a bare 500 page: say what broke, in JSON
+            response = _json(
+                {
+                    "error": "InternalError",
+                    "message": f"emulator error ({type(exc).__name__}: {exc}); please report it",
+                },
+                status=500,
+            )
         return response
     finally:
         status = response.status if response is not None else 500
@@ -223,17 +269,22 @@ async def settings_put(request: web.Request) -> web.Response:
     if not store.known(plugin):
         return _plugin_404(plugin)
     raw = await request.read()
+    if not raw.strip():
+        return _bad_request('the body is empty: send {"value": <string|number|boolean>}')
+    unsupported = _unsupported_media(request)
+    if unsupported is not None:
+        return unsupported
     try:
-        body = json.loads(raw) if raw.strip() else None
+        body = parse_json_body(raw)
     except ValueError as exc:
-        return _errors(400, f"malformed JSON body: {exc}")
+        return _bad_request(str(exc))
     if isinstance(body, dict):
         values = [v for k, v in body.items() if str(k).lower() == "value"]
         if len(values) != 1:
-            return _errors(400, 'the body must be {"value": <string|number|boolean>}')
+            return _bad_request('the body must be {"value": <string|number|boolean>}')
         body = values[0]
     if body is None or isinstance(body, (dict, list)):
-        return _errors(400, "the value must be a JSON string, number or boolean")
+        return _bad_request("the value must be a JSON string, number or boolean")
     store.put(plugin, key, body)
     return _json(
         {"success": True, "pluginName": plugin, "settingName": key, "value": setting_text(body)}
@@ -280,6 +331,9 @@ async def _read_job_body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
         raise _BadRequest("the request body is empty: send the job JSON")
+    unsupported = _unsupported_media(request)
+    if unsupported is not None:
+        raise _BadRequest("", response=unsupported)
     try:
         return parse_job_json(raw, source="request body")
     except JobDefinitionError as exc:
@@ -287,7 +341,11 @@ async def _read_job_body(request: web.Request) -> Any:
 
 
 class _BadRequest(Exception):
-    pass
+    """A request refused before validation: a 400 (or the given response, e.g. 415)."""
+
+    def __init__(self, message: str, *, response: web.Response | None = None) -> None:
+        super().__init__(message)
+        self.response = response if response is not None else _bad_request(message)
 
 
 async def jobs_list(request: web.Request) -> web.Response:
@@ -320,8 +378,17 @@ async def _save(request: web.Request, data: Any, *, must_exist: str | None) -> w
                 del data[key]
             data = {"id": must_exist, **data}
     report = emu.validate(data)
+    if report.valid and report.job_id is not None:
+        clash = emu.case_clash(report.job_id)
+        if clash is not None:
+            report.errors.append(
+                f"id {report.job_id!r} differs only in letter case from the existing job "
+                f"{clash!r}; Windows and macOS file systems hold Jobs/{clash}.json and "
+                f"Jobs/{report.job_id}.json as one file"
+            )
+            report.valid = False
     if not report.valid:
-        return _json(report.to_agent_json(), status=400)
+        return _bad_request(*report.errors, warnings=report.warnings, job_id=report.job_id)
     created = emu.save_job(data)
     job_id = report.job_id
     return _json(
@@ -338,7 +405,7 @@ async def jobs_create(request: web.Request) -> web.Response:
     try:
         data = await _read_job_body(request)
     except _BadRequest as exc:
-        return _errors(400, str(exc))
+        return exc.response
     return await _save(request, data, must_exist=None)
 
 
@@ -349,7 +416,7 @@ async def jobs_update(request: web.Request) -> web.Response:
     try:
         data = await _read_job_body(request)
     except _BadRequest as exc:
-        return _errors(400, str(exc))
+        return exc.response
     return await _save(request, data, must_exist=job_id)
 
 
@@ -364,7 +431,9 @@ async def jobs_validate(request: web.Request) -> web.Response:
     try:
         data = await _read_job_body(request)
     except _BadRequest as exc:
-        return _json({"valid": False, "errors": [str(exc)], "warnings": [], "jobId": None})
+        # Malformed JSON never reaches the validator: ASP.NET's model binding answers 400
+        # before the action runs, for /validate as for POST.
+        return exc.response
     return _json(_emu(request).validate(data).to_agent_json())
 
 
@@ -377,7 +446,7 @@ async def _launch(
     if job is None:
         return _job_404(job_id)
     if job.enabled is False:
-        return _errors(400, f"Job '{job_id}' is disabled", jobId=job_id)
+        return _bad_request(f"Job '{job_id}' is disabled", job_id=job_id)
     run = emu.start_run(job_id, trigger=trigger, context=context)
     message = f"Job '{job_id}' {'triggered' if trigger == 'trigger' else 'started'}"
     if run.status == "skipped":
@@ -389,12 +458,20 @@ async def jobs_trigger(request: web.Request) -> web.Response:
     raw = await request.read()
     context: Any = None
     if raw.strip():
+        unsupported = _unsupported_media(request)
+        if unsupported is not None:
+            return unsupported
         try:
-            context = json.loads(raw)
+            context = parse_json_body(raw)
         except ValueError as exc:
-            return _errors(400, f"malformed JSON body: {exc}")
-        if not isinstance(context, dict):
-            return _errors(400, "the trigger body must be a JSON object of event context")
+            return _bad_request(str(exc))
+        # null binds to "no context" (an optional [FromBody] parameter); anything but an
+        # object is refused: the reference documents "a key-value JSON object".
+        if context is not None and not isinstance(context, dict):
+            return _bad_request(
+                "the trigger body must be a JSON object of event context (or {}), got "
+                f"{_type_name(context)}"
+            )
     return await _launch(request, "trigger", context or {})
 
 
@@ -416,8 +493,45 @@ async def jobs_reload(request: web.Request) -> web.Response:
     )
 
 
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a request body strictly (UTF-8, no NaN, no duplicate keys, bounded integers).
+
+    Raises:
+        ValueError: One line saying what is wrong.
+    """
+    from keeper_task.jobs import parse_job_json
+
+    try:
+        return parse_job_json(raw, source="request body")
+    except JobDefinitionError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _type_name(value: Any) -> str:
+    from keeper_task.jobs.model import json_type_name
+
+    return json_type_name(value)
+
+
 async def _not_found(request: web.Request) -> web.Response:
     return _json({"error": "NotFound", "message": f"no endpoint {request.path}"}, status=404)
+
+
+def route(template: str) -> str:
+    """An aiohttp route for ``template`` that matches as ASP.NET routing does.
+
+    ASP.NET matches literal segments in any letter case and accepts a trailing slash;
+    aiohttp does neither by default. Parameter segments (``{job_id}``) are unchanged.
+    """
+    if template == "/":
+        return template
+    parts = []
+    for index, segment in enumerate(template.strip("/").split("/")):
+        if segment.startswith("{"):
+            parts.append(segment)
+        else:
+            parts.append(f"{{_lit{index}:(?i:{re.escape(segment)})}}")
+    return "/" + "/".join(parts) + "{_slash:/?}"
 
 
 def build_app(emulator: Emulator) -> web.Application:
@@ -425,24 +539,24 @@ def build_app(emulator: Emulator) -> web.Application:
     app = web.Application(middlewares=[_authorize], client_max_size=4 * 1024 * 1024)
     app[_EMU] = emulator
     r = app.router
-    r.add_get("/health", health)
-    r.add_get("/", root)
-    r.add_get("/api/system/status", system_status)
-    r.add_get("/api/plugins", plugins_list)
+    r.add_get(route("/health"), health)
+    r.add_get(route("/"), root)
+    r.add_get(route("/api/system/status"), system_status)
+    r.add_get(route("/api/plugins"), plugins_list)
     # Literal segments are registered before parameters, as ASP.NET prefers them.
-    r.add_post("/api/PluginSettings/revert-all", settings_revert_all)
-    r.add_get("/api/PluginSettings/{plugin}", settings_get_all)
-    r.add_get("/api/PluginSettings/{plugin}/status", settings_status)
-    r.add_post("/api/PluginSettings/{plugin}/revert", settings_revert)
-    r.add_get("/api/PluginSettings/{plugin}/{setting}", settings_get_one)
-    r.add_put("/api/PluginSettings/{plugin}/{setting}", settings_put)
-    r.add_get("/api/Jobs", jobs_list)
-    r.add_post("/api/Jobs", jobs_create)
-    r.add_post("/api/Jobs/validate", jobs_validate)
-    r.add_post("/api/Jobs/reload", jobs_reload)
-    r.add_get("/api/Jobs/{job_id}", jobs_get)
-    r.add_put("/api/Jobs/{job_id}", jobs_update)
-    r.add_delete("/api/Jobs/{job_id}", jobs_delete)
-    r.add_post("/api/Jobs/{job_id}/trigger", jobs_trigger)
-    r.add_post("/api/Jobs/{job_id}/run", jobs_run)
+    r.add_post(route("/api/PluginSettings/revert-all"), settings_revert_all)
+    r.add_get(route("/api/PluginSettings/{plugin}"), settings_get_all)
+    r.add_get(route("/api/PluginSettings/{plugin}/status"), settings_status)
+    r.add_post(route("/api/PluginSettings/{plugin}/revert"), settings_revert)
+    r.add_get(route("/api/PluginSettings/{plugin}/{setting}"), settings_get_one)
+    r.add_put(route("/api/PluginSettings/{plugin}/{setting}"), settings_put)
+    r.add_get(route("/api/Jobs"), jobs_list)
+    r.add_post(route("/api/Jobs"), jobs_create)
+    r.add_post(route("/api/Jobs/validate"), jobs_validate)
+    r.add_post(route("/api/Jobs/reload"), jobs_reload)
+    r.add_get(route("/api/Jobs/{job_id}"), jobs_get)
+    r.add_put(route("/api/Jobs/{job_id}"), jobs_update)
+    r.add_delete(route("/api/Jobs/{job_id}"), jobs_delete)
+    r.add_post(route("/api/Jobs/{job_id}/trigger"), jobs_trigger)
+    r.add_post(route("/api/Jobs/{job_id}/run"), jobs_run)
     return app

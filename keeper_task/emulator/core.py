@@ -15,14 +15,17 @@ import concurrent.futures
 import contextlib
 import errno
 import json
+import math
 import os
 import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from keeper_task.emulator.behaviour import AgentBehaviour, write_appsettings
 from keeper_task.emulator.broker import (
     Broker,
     BrokerPolicy,
@@ -41,9 +44,11 @@ from keeper_task.emulator.records import (
     Recorder,
     RequestRecord,
 )
+from keeper_task.emulator.schedule import STARTUP_EVENT, CronError, CronExpression
 from keeper_task.emulator.settings_store import AGENT_PLUGIN, SettingsStore, setting_text
 from keeper_task.emulator.state import EmulatorState
 from keeper_task.emulator.tiers import ProcessRegistry
+from keeper_task.emulator.tls_front import TlsFront
 from keeper_task.errors import EmulatorError, JobDefinitionError
 
 if TYPE_CHECKING:
@@ -86,6 +91,17 @@ class Emulator:
         plugins_dir: Per-plugin settings JSON files (default ``<agent root>/Plugins``).
         agent_root: Root for ``Jobs/bin/<command>/<command>`` and ``{approot}``.
         port: HTTPS port on 127.0.0.1 (0: a free port).
+        startup_events: Run the jobs whose ``events`` include ``Startup`` once, when the
+            emulator starts (``dev agent`` turns this on).
+        schedules: Tick the scheduler: ``intervalMinutes`` and ``cronExpression`` fire
+            (see :mod:`keeper_task.emulator.schedule`); :meth:`advance_schedule` works
+            either way.
+        time_scale: Emulated minutes per real minute for the scheduler (60: a tick a second).
+        schedule_start: The emulated clock at start, for cron (default: now, local time).
+        http_port: Also serve the agent's plain-HTTP port (its default is 6888; 0: a free
+            port), which answers every request with a 307 redirect to HTTPS and serves
+            nothing itself (the reference: "do not use the HTTP port for sensitive
+            operations"). None (the default): not served.
         broker: ``"embedded"`` (default), ``"mosquitto"``, ``"HOST:PORT"`` or
             ``"mqtts://HOST:PORT"``.
         broker_port: Port of an embedded/mosquitto broker (0: a free port).
@@ -96,6 +112,9 @@ class Emulator:
         require_trusted_mqtt: The embedded broker refuses processes it did not launch.
         kill_grace: Seconds between terminate and kill when a task times out.
         task_env: Extra environment variables for every task.
+        behaviour: The undocumented agent behaviours to emulate (see
+            :mod:`keeper_task.emulator.behaviour`); its ``register_delay`` and ``kill_grace``
+            replace the arguments of the same name.
     """
 
     def __init__(
@@ -106,6 +125,11 @@ class Emulator:
         plugins_dir: str | os.PathLike[str] | None = None,
         agent_root: str | os.PathLike[str] | None = None,
         port: int = 0,
+        http_port: int | None = None,
+        startup_events: bool = False,
+        schedules: bool = False,
+        time_scale: float = 1.0,
+        schedule_start: datetime | None = None,
         broker: str = "embedded",
         broker_port: int = 0,
         settings: Mapping[str, Any] | None = None,
@@ -114,12 +138,31 @@ class Emulator:
         require_trusted_mqtt: bool = True,
         kill_grace: float = 2.0,
         task_env: Mapping[str, str] | None = None,
+        behaviour: AgentBehaviour | None = None,
     ) -> None:
+        if behaviour is not None:
+            register_delay, kill_grace = behaviour.register_delay, behaviour.kill_grace
+        self.behaviour = behaviour or AgentBehaviour(
+            register_delay=register_delay, kill_grace=kill_grace
+        )
         self._jobs_dir_arg = Path(jobs_dir).resolve() if jobs_dir is not None else None
         self._state_dir_arg = state_dir
         self._plugins_dir_arg = Path(plugins_dir).resolve() if plugins_dir is not None else None
         self._agent_root_arg = Path(agent_root).resolve() if agent_root is not None else None
         self._port_arg = port
+        self._http_port_arg = http_port
+        if not (math.isfinite(time_scale) and 0 < time_scale <= 100_000):
+            raise EmulatorError("time_scale must be a number above 0 and at most 100000")
+        self.startup_events = startup_events
+        self.schedules = schedules
+        self.time_scale = time_scale
+        self._schedule_start = schedule_start
+        self._schedule_clock = schedule_start or datetime.now()
+        self._schedule_minute = 0
+        self._ticker: asyncio.Task[None] | None = None
+        self._http_runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self.front: TlsFront | None = None
         self.broker_spec = broker
         self._broker_kind, self._ext_host, self._ext_port, self._ext_tls = parse_broker_spec(broker)
         self._broker_port_arg = broker_port
@@ -151,6 +194,13 @@ class Emulator:
         self._policy: BrokerPolicy | None = None
         self.port = 0
         self.recorder.add_listener(self._on_record)
+
+    @classmethod
+    def from_probe_report(
+        cls, report: Mapping[str, Any] | str | os.PathLike[str], **kwargs: Any
+    ) -> Emulator:
+        """An emulator that behaves like the agent a ``keeper-task doctor probe`` measured."""
+        return cls(behaviour=AgentBehaviour.from_probe_report(report), **kwargs)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -217,6 +267,8 @@ class Emulator:
         self._policy = BrokerPolicy(
             self.job, self.registry, self.recorder, require_trusted=self._require_trusted
         )
+        if self.behaviour.client_id_format is not None:
+            self._policy.client_id_check = self.behaviour.client_id_problem
         self._broker = self._make_broker(state, self._policy)
         await self._broker.start()
         defaults = {
@@ -234,23 +286,28 @@ class Emulator:
         self.reload_jobs()
         runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(
-            runner, "127.0.0.1", self._port_arg, ssl_context=state.server_ssl_context()
-        )
+        server = runner.server
+        assert server is not None  # set by setup()
+        chain, key = state.server_pems()
+        front = TlsFront(chain, key, state.admin_ca_pem(), server)
         try:
-            await site.start()
+            self.port = await front.start("127.0.0.1", self._port_arg)
+            if self._http_port_arg is not None:
+                self._http_runner = await _start_http_redirect(self, self._http_port_arg)
         except OSError as exc:
+            await front.stop()
             await runner.cleanup()
-            if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-                raise EmulatorError(
-                    f"port {self._port_arg} on 127.0.0.1 is already in use; stop what listens "
-                    "there or pick another port with --port (omit it for a free port)"
-                ) from exc
-            raise EmulatorError(
-                f"cannot listen on 127.0.0.1:{self._port_arg}: {exc.strerror or exc}"
-            ) from exc
+            raise _listen_error(exc, self._port_arg, self._http_port_arg) from exc
         self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        self.front = front
+        if self.agent_root == state.root:  # never write into a user's own agent root
+            write_appsettings(
+                state.root,
+                https_port=self.port,
+                http_port=self.http_port,
+                broker_host=self._broker.host,
+                broker_port=self._broker.port,
+            )
         self._launcher = Launcher(
             self.registry,
             self.recorder,
@@ -258,7 +315,9 @@ class Emulator:
             register_delay=self.register_delay,
             kill_grace=self.kill_grace,
             extra_env=self.task_env,
+            behaviour=self.behaviour,
         )
+        self._start_scheduler()
 
     def _make_broker(self, state: EmulatorState, policy: BrokerPolicy) -> Broker:
         if self._broker_kind == "embedded":
@@ -282,6 +341,10 @@ class Emulator:
         return ExternalBroker(self._ext_host, self._ext_port, tls=self._ext_tls, policy=policy)
 
     async def _astop(self) -> None:
+        if self._ticker is not None:
+            ticker, self._ticker = self._ticker, None
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
         if self._launcher is not None:
             await self._launcher.stop_all()
         tasks = list(self._run_tasks)
@@ -289,6 +352,12 @@ class Emulator:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.front is not None:
+            front, self.front = self.front, None
+            await front.stop()
+        if self._http_runner is not None:
+            http_runner, self._http_runner = self._http_runner, None
+            await http_runner.cleanup()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -410,6 +479,15 @@ class Emulator:
         with self._jobs_lock:
             return self._jobs.get(job_id)
 
+    def case_clash(self, job_id: str) -> str | None:
+        """A loaded job whose id differs from ``job_id`` only in letter case, or None.
+
+        Windows and macOS file systems hold both as one ``Jobs/<id>.json``.
+        """
+        folded = job_id.lower()
+        with self._jobs_lock:
+            return next((k for k in self._jobs if k != job_id and k.lower() == folded), None)
+
     def validate(self, data: Any) -> ValidationReport:
         """Validate job JSON as ``POST /api/Jobs/validate`` does (binary must exist)."""
         from keeper_task.jobs import validate_job
@@ -479,6 +557,13 @@ class Emulator:
             report = validate_job(job, file_name=path.name)
             if not report.valid or job.id is None:
                 problems.append(f"{path}: {'; '.join(report.errors) or 'no id'}")
+                continue
+            clash = next((k for k in loaded if k.lower() == job.id.lower()), None)
+            if clash is not None:
+                problems.append(
+                    f"{path}: id {job.id!r} differs only in letter case from {clash!r}; "
+                    "Windows and macOS file systems hold them as one file"
+                )
                 continue
             loaded[job.id] = job
         with self._jobs_lock:
@@ -576,6 +661,91 @@ class Emulator:
         if not run.done.wait(wait):
             raise EmulatorError(f"job {job_id!r} did not finish within {wait} s")
         return run
+
+    # --- scheduler (Startup event, intervalMinutes, cronExpression) ---------------------------
+
+    def _start_scheduler(self) -> None:
+        """In the loop, at start: the Startup runs, then the ticker (when asked for)."""
+        self._schedule_clock = self._schedule_start or datetime.now()
+        self._schedule_minute = 0
+        if self.startup_events:
+            for job in self.jobs():
+                if any(name.lower() == STARTUP_EVENT.lower() for name in job.event_names):
+                    self._scheduled_run(job, "startup")
+        if self.schedules:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60.0 / self.time_scale)
+            self._tick(1)
+
+    def advance_schedule(self, minutes: int = 1) -> list[JobRun]:
+        """Let ``minutes`` scheduler ticks pass at once; return the runs they started.
+
+        The "run schedules now" switch: tests and ``dev agent`` use it to fire interval and
+        cron schedules without waiting (the ticker, if running, keeps its own pace).
+
+        Raises:
+            EmulatorError: ``minutes`` is not 1 to 525600, or the emulator is not running.
+        """
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or not 1 <= minutes <= 525600:
+            raise EmulatorError("advance_schedule: minutes must be an integer from 1 to 525600")
+
+        async def advance() -> list[JobRun]:
+            return self._tick(minutes)
+
+        return self._call(advance(), timeout=60)
+
+    @property
+    def schedule_minute(self) -> int:
+        """How many scheduler ticks have passed since the start."""
+        return self._schedule_minute
+
+    def _tick(self, minutes: int) -> list[JobRun]:
+        started: list[JobRun] = []
+        for _ in range(minutes):
+            self._schedule_minute += 1
+            now = self._schedule_clock + timedelta(minutes=self._schedule_minute)
+            for job in self.jobs():
+                if job.schedule is not None and self._due(job, now):
+                    run = self._scheduled_run(job, "schedule")
+                    if run is not None:
+                        started.append(run)
+        return started
+
+    def _due(self, job: Job, now: datetime) -> bool:
+        schedule = job.schedule
+        assert schedule is not None
+        if schedule.interval_minutes is not None:
+            interval = schedule.interval_minutes
+            return interval > 0 and self._schedule_minute % interval == 0
+        if schedule.cron_expression is not None:
+            try:
+                return CronExpression(schedule.cron_expression).matches(now)
+            except CronError as exc:
+                if self._schedule_minute == 1:
+                    self.recorder.add(Notice(f"job {job.id!r}: schedule never fires: {exc}"))
+                return False
+        if self._schedule_minute == 1:
+            self.recorder.add(
+                Notice(
+                    f"job {job.id!r}: runAt/calendar schedules are not emulated (their "
+                    "formats are undocumented); trigger the job instead"
+                )
+            )
+        return False
+
+    def _scheduled_run(self, job: Job, trigger: str) -> JobRun | None:
+        if job.enabled is False or job.id is None:
+            return None  # documented: a disabled job never runs
+        busy = any(r.job_id == job.id and not r.done.is_set() for r in self.runs)
+        if busy:
+            self.recorder.add(
+                Notice(f"job {job.id!r}: {trigger} run skipped, the previous run still runs")
+            )
+            return None
+        return self.start_run(job.id, trigger=trigger)
 
     # --- broker -----------------------------------------------------------------------------
 
@@ -676,6 +846,49 @@ class Emulator:
             yield
         finally:
             remove()
+
+
+def _listen_error(exc: OSError, port: int, http_port: int | None) -> EmulatorError:
+    ports = f"{port}" if http_port is None else f"{port} (HTTPS) or {http_port} (HTTP)"
+    if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+        return EmulatorError(
+            f"port {ports} on 127.0.0.1 is already in use; stop what listens "
+            "there or pick another port with --port (omit it for a free port)"
+        )
+    return EmulatorError(f"cannot listen on 127.0.0.1:{ports}: {exc.strerror or exc}")
+
+
+async def _start_http_redirect(emulator: Emulator, port: int) -> web.AppRunner:
+    """Serve the agent's HTTP port: every request is redirected to HTTPS (307), as ASP.NET's
+    HTTPS redirection does; nothing is answered over plain HTTP."""
+    from aiohttp import web
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        location = f"{emulator.base_url}{request.rel_url}"
+        emulator.recorder.add(
+            RequestRecord(request.method, request.path, 307, "Public", "anonymous")
+        )
+        return web.json_response(
+            {
+                "error": "UseHttps",
+                "message": f"the HTTP port only redirects; call {location}",
+            },
+            status=307,
+            headers={"Location": location},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    emulator.http_port = int(runner.addresses[0][1])
+    return runner
 
 
 def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

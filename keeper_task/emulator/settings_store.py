@@ -47,10 +47,16 @@ def setting_text(value: Any) -> str:
 
 
 def flatten_settings(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested objects into ``a.b`` keys with string values (lists as JSON text)."""
+    """Flatten nested objects into ``a.b`` keys with string values (lists as JSON text).
+
+    ``null`` values are left out (the merged map holds strings only).
+    """
     out: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if value is None:
+            # null means "not set": left out, as the runtime client drops null keys too.
+            continue
         if isinstance(value, Mapping):
             out.update(flatten_settings(value, prefix=name + "."))
         elif isinstance(value, list):

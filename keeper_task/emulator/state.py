@@ -102,10 +102,11 @@ class EmulatorState:
         return ca
 
     def server_ssl_context(self) -> ssl.SSLContext:
-        """TLS context of the HTTPS API: requests, but does not require, an admin client cert.
+        """A stdlib TLS context with the HTTPS API's certificate that requests an admin cert.
 
-        A client without a certificate (a task, a public caller) connects normally; a client
-        certificate must chain to the admin CA, otherwise the handshake fails.
+        The API itself terminates TLS in :mod:`keeper_task.emulator.tls_front` (a foreign
+        client certificate must get a 403, not a failed handshake); this context remains for
+        callers that serve with :mod:`ssl`, where a foreign certificate fails the handshake.
         """
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -113,6 +114,15 @@ class EmulatorState:
         self.admin_ca.configure_trust(ctx)
         ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
+
+    def server_pems(self) -> tuple[bytes, bytes]:
+        """The HTTPS server's certificate chain and private key, PEM."""
+        chain = b"".join(blob.bytes() for blob in self._server.cert_chain_pems)
+        return chain, self._server.private_key_pem.bytes()
+
+    def admin_ca_pem(self) -> bytes:
+        """The admin CA certificate, PEM (Admin-tier client certificates chain to it)."""
+        return bytes(self.admin_ca.cert_pem.bytes())
 
     def broker_cert_files(self) -> tuple[Path, Path]:
         """Write the broker's certificate chain and key as separate files; return their paths."""

@@ -19,7 +19,9 @@ fields are a validation rule, not a parsing rule.
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -306,7 +308,13 @@ def parse_job_json(text: str | bytes, *, source: str = "<job>") -> Any:
             ) from exc
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
     except json.JSONDecodeError as exc:
         raise JobDefinitionError(
             f"{source}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}"
@@ -331,6 +339,26 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             )
         result[key] = value
     return result
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses to convert more digits than this (CVE-2020-10735 guard) with a bare
+    # ValueError; say what is wrong instead.
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise _StrictJsonError(
+            f"an integer has {digits} digits; at most {limit} are accepted (no job field "
+            "needs more than a few)"
+        )
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _StrictJsonError(f"the number {text[:40]} is out of range for a double")
+    return value
 
 
 def _no_constants(name: str) -> Any:

@@ -34,6 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -44,7 +45,6 @@ from keeper_task.jobs.binary import (
     is_absolute_path,
     is_builtin_command,
     normalize_os,
-    resolve_binary,
 )
 from keeper_task.jobs.model import (
     EXECUTION_TYPES,
@@ -54,7 +54,15 @@ from keeper_task.jobs.model import (
     json_type_name,
 )
 
-__all__ = ["API_BASE_TOKEN", "LOGGER_TOPIC", "ValidationReport", "validate_job"]
+__all__ = [
+    "API_BASE_TOKEN",
+    "LOGGER_TOPIC",
+    "MAX_JOB_ID_BYTES",
+    "ValidationReport",
+    "job_id_problems",
+    "suggest_job_id",
+    "validate_job",
+]
 
 #: The argument token the agent replaces with its HTTPS API base URL.
 API_BASE_TOKEN = "{KeeperApiBaseUrl}"  # noqa: S105 - a token name, not a secret
@@ -368,18 +376,9 @@ def _check_id(obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | No
     elif not isinstance(job_id, str):
         out.error(f"id must be a string, got {json_type_name(job_id)}")
         job_id = None
-    elif not job_id.strip():
-        out.error("id is empty")
     else:
-        if "_" in job_id:
-            out.error(
-                f"id {job_id!r} contains an underscore; the agent's MQTT broker splits client "
-                f"ids on '_', use hyphens: {job_id.replace('_', '-')!r}"
-            )
-        if "/" in job_id or "\\" in job_id:
-            out.error(f"id {job_id!r} must not contain '/' or '\\' (it names Jobs/<id>.json)")
-        if job_id != job_id.strip():
-            out.error(f"id {job_id!r} has leading or trailing spaces")
+        for problem in job_id_problems(job_id):
+            out.error(problem)
     if file_name is not None:
         name = ntpath.basename(posixpath.basename(os.fspath(file_name)))
         if not name.lower().endswith(".json"):
@@ -393,6 +392,90 @@ def _check_id(obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | No
                 f"the agent requires Jobs/<id>.json (rename the file to {job_id}.json)"
             )
     return job_id if isinstance(job_id, str) else None
+
+
+#: Longest id in UTF-8 bytes: ``<id>.json`` must fit the 255-byte file-name limit of Linux
+#: (Windows and macOS count 255 UTF-16 units, which UTF-8 bytes never undercount).
+MAX_JOB_ID_BYTES = 255 - len(".json")
+# Characters Windows forbids in file names (with the controls U+0000-U+001F).
+_WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+# Device names Windows reserves, whatever the extension (CON.json is the console).
+_WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"{dev}{n}" for dev in ("COM", "LPT") for n in (*"0123456789", "\u00b9", "\u00b2", "\u00b3")}
+)
+
+
+def job_id_problems(job_id: str) -> list[str]:
+    """Every reason ``job_id`` cannot be a job id; empty when it can.
+
+    An id names the file ``Jobs/<id>.json`` and must be one on Linux, macOS and Windows alike
+    (a fleet shares ids across OSes), and it must not contain ``_`` (the broker splits MQTT
+    client ids on it). Case-only duplicates need the other ids, so the emulator checks them.
+    """
+    if not job_id.strip():
+        return ["id is empty"]
+    if not _id_problems(job_id, ""):
+        return []
+    fix = suggest_job_id(job_id)
+    # A suggestion too long to read is no help (the over-long id case).
+    shown = fix is not None and len(fix) <= 64
+    return _id_problems(job_id, f"; for example {fix!r}" if shown else "")
+
+
+def _id_problems(job_id: str, hint: str) -> list[str]:
+    problems: list[str] = []
+    if "_" in job_id:
+        problems.append(
+            f"id {_show(job_id)} contains an underscore; the agent's MQTT broker splits client "
+            f"ids on '_', use hyphens{hint}"
+        )
+    bad = sorted({c for c in job_id if c in _WINDOWS_FORBIDDEN or ord(c) < 32 or c == "\x7f"})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        problems.append(
+            f"id {_show(job_id)} contains {shown}, which cannot be in a file name "
+            f"(it names Jobs/<id>.json on Windows, Linux and macOS){hint}"
+        )
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in job_id):
+        problems.append(f"id {_show(job_id)} contains an unpaired UTF-16 surrogate{hint}")
+    elif len(job_id.encode("utf-8")) > MAX_JOB_ID_BYTES:
+        problems.append(
+            f"id is {len(job_id.encode('utf-8'))} bytes long in UTF-8; at most "
+            f"{MAX_JOB_ID_BYTES} fit a file name with .json{hint}"
+        )
+    if job_id in (".", ".."):
+        problems.append(f"id {job_id!r} is not a file name{hint}")
+    elif job_id != job_id.strip():
+        problems.append(f"id {_show(job_id)} has leading or trailing spaces{hint}")
+    elif job_id.endswith("."):
+        problems.append(
+            f"id {_show(job_id)} ends with a dot, which Windows strips from file names{hint}"
+        )
+    device = job_id.split(".", 1)[0].rstrip(" ").upper()
+    if device in _WINDOWS_RESERVED:
+        problems.append(
+            f"id {_show(job_id)} is the reserved Windows device name {device}; "
+            f"Jobs/{job_id}.json cannot exist there{hint}"
+        )
+    return problems
+
+
+def suggest_job_id(job_id: str) -> str | None:
+    """A valid id close to ``job_id`` (bad characters become ``-``), or None if none is."""
+    chars = []
+    for c in job_id:
+        bad = c == "_" or c in _WINDOWS_FORBIDDEN or ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF
+        chars.append("-" if bad or c.isspace() else c)
+    text = re.sub(r"-{2,}", "-", "".join(chars)).strip("-. ")
+    while len(text.encode("utf-8")) > MAX_JOB_ID_BYTES:
+        text = text[:-1].rstrip("-. ")
+    if not text:
+        return None
+    device, dot, rest = text.partition(".")
+    if device.upper() in _WINDOWS_RESERVED:
+        text = f"{device}-job{dot}{rest}"
+    return text if not _id_problems(text, "") else None
 
 
 def _require_string(
@@ -692,9 +775,15 @@ def _check_binary(
     os_name: str,
     command: str,
 ) -> None:
-    found = resolve_binary(task, agent_root, os_name)
+    candidates = binary_candidates(task, agent_root, os_name)
+    lowered = {str(k).lower(): v for k, v in task.items()}
+    if isinstance(lowered.get("executablepath"), str) and len(candidates) > 1:
+        # The reference: the binary must exist "at the path specified in the job JSON";
+        # Jobs/bin/<command>/ does not stand in for a missing executablePath.
+        candidates = candidates[-1:]
+    found = next((c for c in candidates if _is_file(c)), None)
     if found is None:
-        tried = " or ".join(str(p) for p in binary_candidates(task, agent_root, os_name))
+        tried = " or ".join(str(p) for p in candidates)
         out.error(
             f"{where}: binary for command {command!r} not found at {tried}; "
             "deploy the binary first (keeper-task job deploy --binary)"
@@ -702,6 +791,13 @@ def _check_binary(
         return
     if os_name == host_os() != "windows" and not os.access(found, os.X_OK):
         out.error(f"{where}: binary {found} is not executable; run chmod +x on it")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, or with NUL: not there
+        return False
 
 
 def _is_int(value: Any) -> bool:
