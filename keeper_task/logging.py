@@ -806,9 +806,15 @@ class LogPipeline:
         # With the default schema the stderr JSON line *is* the payload: render once.
         self._reuse = type(schema) is KeeperJsonSchema
         # The event column is padded to 30 characters: structlog's default in every version
-        # (the keyword naming it changed in 25.5, so it is not passed).
+        # (the keyword naming it changed in 25.5, so it is not passed). The traceback arrives
+        # already formatted (and redacted): the plain formatter prints it as it is, and keeps
+        # structlog < 25 from warning about a pre-formatted exception.
         self._console = (
-            None if json_lines else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+            None
+            if json_lines
+            else structlog.dev.ConsoleRenderer(
+                colors=_isatty(stream), exception_formatter=structlog.dev.plain_traceback
+            )
         )
         self._lock = threading.RLock()
         self._state: Literal["pending", "attached", "detached"] = "pending"

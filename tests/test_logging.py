@@ -35,6 +35,11 @@ from keeper_task.testing import run_task
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pythonpath() -> str:
+    """This checkout first, then whatever the suite runs with (a lowest-versions run)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 def lines(buf: io.StringIO) -> list[str]:
     return [ln for ln in buf.getvalue().splitlines() if ln]
 
@@ -505,7 +510,7 @@ def test_events_after_detach_are_counted_in_one_line_at_exit(tmp_path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": _pythonpath()},
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -626,3 +631,53 @@ def test_run_task_restores_the_structlog_configuration(agent) -> None:
     structlog.get_logger("lib").info("after.run")
     assert [d["message"] for d in json_lines(before)] == ["after.run"]
     assert "after.run" not in result.stderr
+
+
+def test_a_real_terminal_gets_console_lines_with_tracebacks() -> None:
+    """On a terminal (a pty): colored console lines, a redacted traceback, no warning, exit
+    0 (the console renderer is built with keywords every supported structlog accepts)."""
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "from keeper_task.logging import configure_logging\n"
+        "log = configure_logging().get_logger()\n"
+        "log.info('on.terminal', count=3, password='pw-123')\n"
+        "secret = 'tb-' + 'secret'\n"
+        "try:\n"
+        "    raise ValueError({'token': secret})\n"
+        "except ValueError:\n"
+        "    log.exception('failed.here')\n"
+    )
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**os.environ, "PYTHONPATH": _pythonpath()},
+        )
+        os.close(slave)
+        slave = -1
+        data = b""
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+        assert proc.wait(timeout=60) == 0, data
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = data.decode("utf-8", "replace")
+    assert "on.terminal" in text and "failed.here" in text
+    assert "\x1b[" in text  # colors: the console renderer, not JSON
+    assert "ValueError: {'token': '[redacted]'}" in text
+    assert "pw-123" not in text and "tb-secret" not in text
+    assert "Warning" not in text
