@@ -82,25 +82,37 @@ def main() -> int:
         clone_time = time.perf_counter() - started
         commands = readme_commands((clone / "README.md").read_text(encoding="utf-8"))
         print(f"fresh clone of {REPO} in {clone} ({clone_time:.1f} s, not counted)")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"{os.cpu_count()} CPUs, load average {load:.1f} at the start")
         results: list[tuple[str, float]] = []
         last_output = ""
         for number, command in enumerate(commands, start=1):
+            # The parts of an `a && b && c` line run one after the other, as bash would (and
+            # stop at the first failure), so that each is timed on its own.
+            parts = [command] if command.startswith("cd ") else command.split(" && ")
             began = time.perf_counter()
-            done = subprocess.run(
-                ["bash", "-c", command],
-                cwd=clone,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-                check=False,
-            )
+            for index, part in enumerate(parts):
+                part_began = time.perf_counter()
+                done = subprocess.run(
+                    ["bash", "-c", part],
+                    cwd=clone,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    check=False,
+                )
+                if len(parts) > 1:
+                    label = f"{number}{'abcdefgh'[index]}"
+                    spent_part = time.perf_counter() - part_began
+                    print(f"  step {label}: {spent_part:6.1f} s  $ {part}")
+                if done.returncode != 0:
+                    print(f"step {number} failed (exit {done.returncode})", file=sys.stderr)
+                    print(done.stdout + done.stderr, file=sys.stderr)
+                    return 1
             spent = time.perf_counter() - began
             results.append((command, spent))
-            print(f"step {number}: {spent:6.1f} s  exit {done.returncode}  $ {command}")
-            if done.returncode != 0:
-                print(done.stdout + done.stderr, file=sys.stderr)
-                return 1
+            print(f"step {number}: {spent:6.1f} s  exit 0  $ {command}")
             last_output = done.stdout
         first = next(
             (ln for ln in last_output.splitlines() if ln.startswith("[KeeperLogger]")), None
@@ -110,6 +122,8 @@ def main() -> int:
             print(last_output, file=sys.stderr)
             return 1
         total = sum(spent for _command, spent in results)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"load average {load:.1f} at the end")
         print(f"first KeeperLogger line of the new task: {first}")
         print(
             f"total: {total:.1f} s for {len(results)} commands "
