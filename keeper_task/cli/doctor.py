@@ -22,6 +22,11 @@ _EXIT_HELP = (
     "exit codes: 0 every check passed (warnings and skipped checks do not fail); "
     "1 at least one check failed; 64 bad arguments"
 )
+_PROBE_EXIT_HELP = (
+    "exit codes: 0 report collected; 64 bad arguments; 69 the probe or its report failed, or "
+    "the agent is unreachable; 77 the Admin tier refused the client certificate; "
+    "78 unreadable certificate/key/CA files or agent root"
+)
 _MARKS = {"pass": ("✓", "OK"), "fail": ("✗", "FAIL"), "warn": ("!", "WARN"), "skip": ("-", "SKIP")}
 
 
@@ -42,6 +47,41 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--os", dest="os_name", help="OS the agent runs (default: this host)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=_cmd_doctor)
+    sub = parser.add_subparsers(
+        title="doctor commands", metavar="COMMAND", parser_class=type(parser)
+    )
+    probe = sub.add_parser(
+        "probe",
+        help="deploy the probe job, measure what the agent does not document, recommend settings",
+        description="Deploy the built-in probe jobs through the Admin API, trigger them with a "
+        "context marker, read their report from the report directory, remove them again "
+        "(unless --keep) and print the measured behaviour with recommended settings. The "
+        "report holds names, not values, for anything that may be secret.",
+        epilog=_PROBE_EXIT_HELP,
+    )
+    add_agent_options(probe)
+    probe.add_argument("--keep", action="store_true", help="leave the probe jobs deployed")
+    probe.add_argument(
+        "--apply",
+        metavar="DIR",
+        help="write the recommended settings into the job files (task arguments) under DIR",
+    )
+    probe.add_argument(
+        "--report-dir",
+        help="where the probe writes its report (default <agent root>/keeper-task-probe; the "
+        "agent's service account must be able to write there)",
+    )
+    probe.add_argument("--output", metavar="FILE", help="also save the report as JSON here")
+    probe.add_argument(
+        "--wait", type=float, default=180.0, help="seconds to wait for each report (180)"
+    )
+    probe.add_argument(
+        "--python",
+        help="the Python the agent starts for the probe (default: this one; it must have "
+        "keeper-task installed and be runnable by the agent's service account)",
+    )
+    probe.add_argument("--json", action="store_true", help="print the report as JSON")
+    probe.set_defaults(func=_cmd_probe)
 
 
 def add_agent_options(parser: argparse.ArgumentParser) -> None:
@@ -132,3 +172,157 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} of {len(checks)} checks failed", file=sys.stderr)
     return code
+
+
+def _agent_url(options: Any) -> str:
+    """The HTTPS API: --url, else the port in the agent root's appsettings.json."""
+    from keeper_task.doctor.checks import (
+        DEFAULT_HTTPS_PORT,
+        _port_value,
+        _section,
+        find_agent_root,
+        read_appsettings,
+    )
+    from keeper_task.errors import SettingsError
+
+    if options.url:
+        return str(options.url)
+    root, _ = find_agent_root(options.agent_root)
+    port = DEFAULT_HTTPS_PORT
+    settings_file = root / "appsettings.json"
+    if settings_file.is_file():
+        try:
+            found, _problem = _port_value(
+                _section(read_appsettings(settings_file), "Settings"), "KestrelHttpsPort"
+            )
+        except SettingsError:
+            found = None
+        port = found or port
+    return f"https://127.0.0.1:{port}"
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from keeper_task.agent.jobs import JobsClient
+    from keeper_task.doctor.checks import find_agent_root
+    from keeper_task.probe import REPORT_DIR_NAME, apply_recommendations, run_probe
+
+    options = options_from_args(args)
+    if not options.client_cert:
+        raise UsageError("doctor probe needs --cert (the admin client certificate) to deploy")
+    if args.wait <= 0:
+        raise UsageError(f"--wait must be > 0 seconds, not {args.wait}")
+    if args.apply and not Path(args.apply).is_dir():
+        raise UsageError(f"--apply {args.apply}: not a directory")
+    root, _ = find_agent_root(options.agent_root)
+    report_dir = Path(args.report_dir) if args.report_dir else root / REPORT_DIR_NAME
+    quiet = args.json
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(f"probe: {line}", file=sys.stderr)
+
+    with JobsClient(
+        _agent_url(options),
+        client_cert=options.client_cert,
+        client_key=options.client_key,
+        key_password=options.key_password,
+        ca_bundle=options.ca_bundle,
+        timeout=options.timeout,
+    ) as jobs:
+        report = run_probe(
+            jobs,
+            report_dir=report_dir,
+            keep=args.keep,
+            wait=args.wait,
+            python=args.python,
+            progress=progress,
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    changes = apply_recommendations(report["recommended"], Path(args.apply)) if args.apply else []
+    if args.json:
+        print(json.dumps({**report, "applied": changes}, indent=2, ensure_ascii=False))
+        return 0
+    for line in describe_report(report):
+        print(line)
+    if args.apply:
+        print(f"applied to {args.apply}:" if changes else f"nothing to change in {args.apply}")
+        for change in changes:
+            print(f"  {change}")
+    return 0
+
+
+def describe_report(report: dict[str, Any]) -> list[str]:
+    """The probe report and its recommendations as readable lines."""
+    process = report.get("process", {})
+    env = report.get("environment", {})
+    context = report.get("context", {})
+    trust = report.get("trust", {})
+    mqtt = report.get("mqtt", {})
+    timeout = report.get("timeout", {})
+    rec = report.get("recommended", {})
+    parent = process.get("parent") or {}
+    lines = [
+        "measured:",
+        f"  argv: {' '.join(process.get('argv', []))}",
+        f"  {{KeeperApiBaseUrl}} became: {process.get('apiBaseArgument')}",
+        f"  {{job_id}} in arguments arrived as: {process.get('literalTemplateArgument')}",
+        f"  cwd: {process.get('cwd')}; user: {process.get('user')}; parent: "
+        f"{parent.get('name')} (pid {parent.get('pid')})",
+        f"  environment: {len(env.get('names', []))} variables; KEEPER_*: "
+        + (", ".join(f"{k}={v}" for k, v in env.get("keeperValues", {}).items()) or "none"),
+    ]
+    found = context.get("found") or []
+    where = ", ".join(f"{f['via']} ({f['name']})" for f in found) or "not passed to the task"
+    lines.append(f"  trigger context: {where}")
+    window = trust.get("windowSeconds")
+    lines.append(
+        f"  startup 403 window: {window:.2f} s ({trust.get('forbidden', 0)} refusals)"
+        if isinstance(window, (int, float))
+        else f"  startup 403 window: Plugin Settings never answered ({trust.get('lastError')})"
+    )
+    settings = report.get("settings") or {}
+    lines.append(f"  merged settings keys: {', '.join(settings.get('keys', [])) or 'unread'}")
+    if mqtt:
+        cert = mqtt.get("certificate") or {}
+        tls = "TLS" if mqtt.get("tls") else "plain TCP"
+        issuer = f", certificate issuer {cert.get('issuer')}" if cert.get("issuer") else ""
+        lines.append(f"  broker: {mqtt.get('host')}:{mqtt.get('port')} {tls}{issuer}")
+        for entry in mqtt.get("clientIds", []):
+            verdict = (
+                (
+                    "accepted, KeeperLogger publish acknowledged"
+                    if entry.get("logAcked")
+                    else "accepted, KeeperLogger publish NOT acknowledged"
+                )
+                if entry.get("accepted")
+                else f"refused ({entry.get('refusal')})"
+            )
+            lines.append(f"  client id {entry['template']}: {verdict}")
+        undeclared = mqtt.get("undeclaredPublish") or {}
+        if undeclared:
+            lines.append(f"  publish outside allowedPublications: {undeclared.get('outcome')}")
+    if timeout.get("measured"):
+        if timeout.get("signal"):
+            lines.append(
+                f"  on timeout: {timeout['signal']} about {timeout.get('secondsBeforeKill')} s "
+                "before the kill"
+            )
+        else:
+            lines.append("  on timeout: killed without a signal")
+    else:
+        lines.append(f"  on timeout: not measured ({timeout.get('note', 'no data')})")
+    lines.append("recommended settings (task arguments or KEEPER_TASK_* variables):")
+    template = rec.get("mqttClientIdTemplate")
+    lines.append(
+        f"  --mqtt-client-id-template={template}"
+        if template
+        else "  no client-id format worked: MQTT logging will not reach KeeperLogger"
+    )
+    if rec.get("trustTimeout") is not None:
+        lines.append(f"  --trust-timeout={rec['trustTimeout']:g}")
+    if rec.get("deadlineMarginSeconds") is not None:
+        lines.append(f"  --deadline=<timeoutSeconds - {rec['deadlineMarginSeconds']}>")
+    return lines
