@@ -894,7 +894,7 @@ class LogPipeline:
         counted in :attr:`undelivered`); when the pipeline was attached and something was not
         delivered, one ``keeper_logger.summary`` warning says how much. Events logged later
         go to stderr only; if there are any, one ``keeper_logger.after_detach`` warning at
-        interpreter exit counts them.
+        interpreter exit (or at :meth:`report_late`) counts them.
         """
         with critical_section(), self._lock:
             was_attached = self._state == "attached"
@@ -923,6 +923,17 @@ class LogPipeline:
                 atexit.unregister(self._report_late)
                 atexit.register(self._report_late)
         self.flush()
+
+    def report_late(self) -> None:
+        """Write the ``keeper_logger.after_detach`` line now (if events were logged after
+        :meth:`detach`), instead of at interpreter exit.
+
+        For a runtime whose last stderr line must be its own: it calls this just before
+        that line. Events logged after this call are still counted in ``after_detach`` but
+        no longer reported.
+        """
+        atexit.unregister(self._report_late)
+        self._report_late()
 
     def flush(self) -> None:
         """Publish pending events, write pending stderr lines and flush the stream."""

@@ -681,3 +681,24 @@ def test_a_real_terminal_gets_console_lines_with_tracebacks() -> None:
     assert "ValueError: {'token': '[redacted]'}" in text
     assert "pw-123" not in text and "tb-secret" not in text
     assert "Warning" not in text
+
+
+def test_report_late_writes_the_after_detach_line_when_asked() -> None:
+    """report_late() writes the count of events logged since detach() at once (a runtime
+    calls it before its own last line); nothing is written when there are none."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err)
+    pipeline.attach(lambda _payload: None)
+    log = pipeline.get_logger()
+    log.info("sent")
+    pipeline.detach()
+    pipeline.report_late()
+    assert [d["message"] for d in json_lines(err)] == ["sent"]
+    log.info("late")
+    log.info("late")
+    pipeline.report_late()
+    docs = json_lines(err)
+    assert [d["message"] for d in docs] == ["sent", "late", "late", "keeper_logger.after_detach"]
+    assert docs[-1]["properties"]["count"] == 2 == pipeline.after_detach
+    pipeline.report_late()  # already reported: no second line
+    assert len(json_lines(err)) == 4
