@@ -15,10 +15,10 @@ One run, in order (see DESIGN.md "Data flow"):
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -45,9 +45,10 @@ from keeper_task.errors import (
 )
 from keeper_task.exit_codes import ExitCode
 from keeper_task.log_schema import KeeperLogSchema
-from keeper_task.logging import LogPipeline, configure_logging
+from keeper_task.logging import LogPipeline, configure_logging, defer_until_safe
 from keeper_task.mqtt import MqttClient, build_client_id
 from keeper_task.settings import TaskSettings, parse_settings
+from keeper_task.signals import Canceller, SignalHandlers, defer_stop, stop_boundary
 from keeper_task.tls import client_ssl_context, is_loopback_host
 
 __all__ = ["Task"]
@@ -67,11 +68,33 @@ class Task(Generic[S]):
             replaced). When set, publishing elsewhere raises at once, because the agent's
             broker would drop it silently. ``None`` (default) checks nothing.
         log_schema: Serializer of ``KeeperLogger`` payloads (default: the documented schema).
+        stop_grace: Seconds ``setup()``/``run()``/``teardown()`` may go on after the first
+            stop request before the process exits without them (default 10; see below).
 
-    A signal or ``--deadline`` stops ``setup()``/``run()`` at the next Python instruction or
-    inside a blocking call (sleep, socket, lock, subprocess wait), even under an ``except
-    Exception``; a C function that holds the GIL throughout (one huge ``sum()``) is only
-    stopped when it returns. ``teardown()`` then runs, and logs are flushed.
+    Stopping (SIGTERM, SIGINT, Ctrl-Break on Windows, and ``--deadline``):
+
+    1. The first signal, or the deadline, stops ``setup()``/``run()``: a ``BaseException``
+       (like ``KeyboardInterrupt``, so ``except Exception`` does not catch it) is raised at
+       the next safe point: at once, also inside a blocking call (sleep, socket, lock,
+       subprocess wait); never inside a ``__del__`` method, a weakref callback or a
+       generator being finalised, where Python would drop it (it is raised in their caller
+       when they return), nor inside the framework's own bookkeeping. Until they have
+       ended it is raised again every 0.25 s, so code that swallows it (``except
+       BaseException: pass``) does not keep them running. ``teardown()`` then runs
+       undisturbed, queued messages are flushed within ``--mqtt-flush-timeout``, and the
+       exit code is 128+N (124 for the deadline). A C function that holds the GIL
+       throughout (one huge ``sum()``) is stopped only when it returns.
+    2. A second signal raises the stop again at once if ``setup()``/``run()`` are still
+       running; teardown and the flush go on. A note on stderr says what a third one does.
+    3. A third signal ends the process at once with the same exit code: the rest of
+       teardown and of the flush is skipped; the last stderr line counts the MQTT messages
+       not acknowledged.
+
+    When ``setup()``/``run()``/``teardown()`` have not ended ``stop_grace`` seconds after the
+    first request, the process exits the same way, but only after flushing within
+    ``--mqtt-flush-timeout``. A stop that arrives once ``run()`` has ended does not
+    change the exit code. Steps 3 and the grace end the process only under :meth:`main`;
+    :meth:`execute` (in-process runs) never ends the process.
 
     Example:
         >>> class Hello(Task):
@@ -82,6 +105,7 @@ class Task(Generic[S]):
     settings_class: ClassVar[type[TaskSettings]] = TaskSettings
     publishes: ClassVar[Sequence[str] | None] = None
     log_schema: ClassVar[KeeperLogSchema | None] = None
+    stop_grace: ClassVar[float] = 10.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -106,11 +130,11 @@ class Task(Generic[S]):
     @classmethod
     def main(cls, argv: Sequence[str] | None = None) -> NoReturn:
         """Run the task as the process's main program and exit with its exit code."""
-        sys.exit(cls.execute(argv))
+        sys.exit(_Run(cls, argv, None, process=True).execute())
 
     @classmethod
     def execute(cls, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-        """Run the task in this process and return its exit code (never calls ``sys.exit``).
+        """Run the task in this process and return its exit code (never ends the process).
 
         Args:
             argv: Arguments without the program name; None means ``sys.argv[1:]``.
@@ -119,42 +143,74 @@ class Task(Generic[S]):
         return _Run(cls, argv, prog).execute()
 
 
+#: Seconds between two raises of a stop request that setup()/run() swallowed.
+REDELIVER_INTERVAL = 0.25
+
+
 class _Run:
     """One execution of a task class; owns every resource it opens."""
 
     def __init__(
-        self, task_cls: type[Task[Any]], argv: Sequence[str] | None, prog: str | None
+        self,
+        task_cls: type[Task[Any]],
+        argv: Sequence[str] | None,
+        prog: str | None,
+        *,
+        process: bool = False,
     ) -> None:
         self.task_cls = task_cls
         self.argv = argv
         self.prog = prog or _program_name()
+        #: Run by main(): a third signal or the stop grace may end the process.
+        self.process = process
         self.started = time.monotonic()
         self.pipeline: LogPipeline | None = None
         self.log: Any = None
         self.plugin_client: PluginSettingsClient | None = None
         self.mqtt: MqttClient | None = None
+        self.handlers = SignalHandlers(self._on_signal)
+        self.canceller: Canceller | None = None
+        self.request_lock = threading.RLock()
+        #: The first stop request (signal or deadline), if any.
+        self.request: KeeperTaskError | None = None
+        self.signals = 0
         self.deadline_timer: threading.Timer | None = None
-        self.deadline_hit = False
+        self.grace_timer: threading.Timer | None = None
         self.deadline_s = 0.0
         self.flush_timeout = 5.0
-        self.stopping = False
-        self.cancelled: _Cancelled | None = None
-        self.old_handlers: dict[int, Any] = {}
+        self.shutting_down = False
+        self.forcing = False
+        #: The one-line reason of the outcome (the last stderr line of a non-zero exit).
+        self.reason = ""
 
     # --- the run ------------------------------------------------------------------------
 
     def execute(self) -> int:
         # Handlers first: a signal while arguments are parsed is a clean 128+N too.
-        self._install_signal_handlers()
+        self.handlers.install()
+        self.canceller = Canceller(
+            self._cancelled,
+            _Cancelled,
+            interval=REDELIVER_INTERVAL,
+            kick_signal=signal.SIGINT if self.handlers.installed else None,
+            defer=defer_until_safe,
+        )
         try:
             return self._execute()
-        except _Cancelled as exc:  # stopped before logging was configured
-            self._say(f"error: {self._error_of(exc)}")
-            return int(self._error_of(exc).exit_code)
+        except _Cancelled:  # stopped before logging was configured
+            error = self._request_error()
+            self._say(f"error: {error}")
+            return int(error.exit_code)
         finally:
-            self._restore_signal_handlers()
+            self.canceller.close()
+            self._cancel_timers()
+            self.handlers.restore()
 
+    @stop_boundary
     def _execute(self) -> int:
+        # A stop is raised only inside the calls below, never between them: the outcome
+        # and the shutdown bookkeeping of this frame cannot be cut in half.
+        assert self.canceller is not None
         try:
             settings = parse_settings(
                 self.task_cls.settings_class,
@@ -163,9 +219,11 @@ class _Run:
                 description=_first_line(self.task_cls.__doc__)
                 or f"{self.task_cls.__name__}: a Keeper EPM job task (keeper-task).",
             )
+            ssl_context = self._check_before_start(settings)
         except SystemExit as exc:  # --help / --version from argparse
             return int(exc.code or 0) if not isinstance(exc.code, str) else 0
         except (UsageError, SettingsError) as exc:
+            # Found before the run starts: one plain line, whatever stderr is.
             self._say(f"error: {exc}")
             return int(exc.exit_code)
         self.pipeline = configure_logging(
@@ -181,28 +239,40 @@ class _Run:
         try:
             if settings.deadline is not None:
                 self._start_deadline(settings.deadline)
-            code = self._lifecycle(settings)
+            code = self._lifecycle(settings, ssl_context)
         except BaseException as exc:
-            self.stopping = True  # the outcome is decided: later signals must not replace it
-            code = self._exit_code_for(exc)
+            self.canceller.close()
+            code = self._outcome(exc)
         finally:
             code = self._shutdown(code)
         return code
 
-    def _lifecycle(self, settings: TaskSettings) -> int:
-        ctx = self._start(settings)
-        task = self.task_cls()
-        task.setup(ctx)
+    @stop_boundary
+    def _lifecycle(self, settings: TaskSettings, ssl_context: ssl.SSLContext) -> int:
+        # The stop is raised inside _start/setup/run only; close() ends that, first thing
+        # on every path out of them, so teardown() and the flush are never interrupted.
+        canceller = self.canceller
+        assert canceller is not None
+        try:
+            ctx = self._start(settings, ssl_context)
+            task = self.task_cls()
+            task.setup(ctx)
+        except BaseException:
+            canceller.close()
+            raise
         try:
             task.run(ctx)
         except BaseException:
+            canceller.close()
             self._teardown_after_error(task, ctx)
             raise
+        canceller.close()
         # After a successful run, a teardown error is the run's outcome (exit 70).
         task.teardown(ctx)
-        if self.cancelled is not None:
-            # The task caught the cancellation itself (bare except) and returned anyway.
-            raise self.cancelled
+        if canceller.pending:
+            # A stop arrived while run() ran, and run() swallowed it and returned anyway.
+            raise _Cancelled()
+        self.reason = ""
         self.log.info("task.finished", exit_code=0, duration_s=self._elapsed())
         return ExitCode.SUCCESS
 
@@ -213,15 +283,20 @@ class _Run:
         except Exception as exc:
             self.log.error("task.teardown_failed", error=_one_line(exc), exc_info=exc)
 
-    def _start(self, settings: TaskSettings) -> TaskContext[Any]:
+    def _check_before_start(self, settings: TaskSettings) -> ssl.SSLContext:
+        """Everything checkable before the run starts; raises UsageError/SettingsError."""
         base = settings.keeper_api_base
         if base is None:
             raise UsageError(
                 "missing --keeper-api-base: add `--keeper-api-base={KeeperApiBaseUrl}` to the "
                 "job task's arguments (or set KEEPER_API_BASE when running by hand)"
             )
+        return client_ssl_context(host=_host_of(base), ca_bundle=settings.ca_bundle)
+
+    def _start(self, settings: TaskSettings, ssl_context: ssl.SSLContext) -> TaskContext[Any]:
+        base = settings.keeper_api_base
+        assert base is not None
         api_host = _host_of(base)
-        ssl_context = client_ssl_context(host=api_host, ca_bundle=settings.ca_bundle)
         if settings.ca_bundle is None:
             self.log.info("tls.unverified_loopback", host=api_host)
         self.plugin_client = PluginSettingsClient(
@@ -314,28 +389,42 @@ class _Run:
 
     # --- outcomes -----------------------------------------------------------------------
 
+    @defer_stop
+    def _outcome(self, exc: BaseException) -> int:
+        """The exit code for how the run ended; a stop requested while it ran wins."""
+        assert self.canceller is not None
+        if self.canceller.pending and not isinstance(exc, _Cancelled):
+            # Raised while stopping (a cleanup in a `finally` failed, or the stop was
+            # wrapped in another exception): the stop is still what ended the run.
+            self.log.warning("task.error_while_stopping", error=_one_line(exc))
+            exc = _Cancelled()
+        return self._exit_code_for(exc)
+
+    @defer_stop
     def _exit_code_for(self, exc: BaseException) -> int:
         log = self.log
         if isinstance(exc, TaskFailed):
+            self.reason = exc.message
             log.error("task.failed", reason=exc.message, exit_code=exc.exit_code)
             return int(exc.exit_code)
         if isinstance(exc, _Cancelled):
-            return self._exit_code_for(self._error_of(exc))
+            return self._exit_code_for(self._request_error())
         if isinstance(exc, (TaskInterrupted, DeadlineExceeded)):
+            self.reason = str(exc)
             log.warning("task.stopped", reason=str(exc), exit_code=exc.exit_code)
             return int(exc.exit_code)
-        if isinstance(exc, KeyboardInterrupt):
-            if self.deadline_hit:
-                return self._exit_code_for(self._deadline_error())
+        if isinstance(exc, KeyboardInterrupt):  # raised by hand, or no handler installed
             return self._exit_code_for(TaskInterrupted(signal.SIGINT, "SIGINT"))
         if isinstance(exc, SystemExit):
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if isinstance(exc.code, str):  # sys.exit("why"): Python would print "why"
-                log.error("task.exit_requested", exit_code=code, reason=exc.code)
+            code, reason = _system_exit(exc)
+            self.reason = reason
+            if code == 0:
+                log.info("task.exit_requested", exit_code=0)
             else:
-                log.info("task.exit_requested", exit_code=code)
+                log.error("task.exit_requested", reason=reason, exit_code=code)
             return code
         if isinstance(exc, KeeperTaskError):
+            self.reason = exc.message
             log.error(
                 "task.error",
                 error=type(exc).__name__,
@@ -344,97 +433,161 @@ class _Run:
             )
             return int(exc.exit_code)
         # Uncaught: the traceback is logged as its own event, then one line for the operator.
+        self.reason = _one_line(exc)
         log.error("task.traceback", traceback="".join(traceback.format_exception(exc)))
         log.error(
             "task.crashed",
             error=type(exc).__name__,
-            reason=_one_line(exc),
+            reason=self.reason,
             exit_code=int(ExitCode.UNCAUGHT_EXCEPTION),
         )
         return ExitCode.UNCAUGHT_EXCEPTION
 
+    @defer_stop
     def _shutdown(self, code: int) -> int:
-        """Flush and close everything; a second signal during this is ignored."""
-        self.stopping = True
-        if self.deadline_timer is not None:
-            self.deadline_timer.cancel()
+        """Flush and close everything; never interrupted by a stop (see Task's docstring)."""
+        self.shutting_down = True
+        self._cancel_timers()
+        said_more = False  # lines written after the outcome's reason
         try:
+            lost = 0
+            attached = self.pipeline is not None and self.pipeline.attached
             if self.pipeline is not None:
                 self.pipeline.detach()  # later events go to stderr only
+                said_more = bool(self.pipeline.publish_failures)
             if self.mqtt is not None:
                 lost = self.mqtt.disconnect(timeout=self.flush_timeout)
-                if lost:
-                    self._say(f"warning: {lost} MQTT message(s) were not acknowledged before exit")
             if self.plugin_client is not None:
                 self.plugin_client.close()
+            if self.pipeline is not None and attached:
+                # Lines the pipeline would write at interpreter exit come now: the last
+                # stderr lines stay ours.
+                said_more = said_more or self.pipeline.after_detach > 0
+                report = getattr(self.pipeline, "report_late", None)
+                if report is None:
+                    report = getattr(self.pipeline, "_report_late", None)
+                if report is not None:
+                    report()
+            if lost:
+                said_more = True
+                self._say(f"warning: {lost} MQTT message(s) were not acknowledged before exit")
         except BaseException as exc:
+            said_more = True
             self._say(f"warning: shutdown: {_one_line(exc)}")
+        if code != 0 and said_more and self.reason:
+            # Every non-zero exit ends with its one-line reason.
+            self._say(f"error: {self.reason}")
         return int(code)
 
     # --- signals and the deadline -------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signals can only be handled in the main thread (in-process test runs)
-        names = ["SIGTERM", "SIGINT", "SIGBREAK"]  # SIGBREAK: CTRL_BREAK_EVENT on Windows
-        for name in names:
-            signum = getattr(signal, name, None)
-            if signum is None:
-                continue
-            try:
-                self.old_handlers[signum] = signal.signal(signum, self._on_signal)
-            except (OSError, ValueError):
-                continue
+    def _cancelled(self) -> BaseException:
+        return _Cancelled()
 
-    def _restore_signal_handlers(self) -> None:
-        for signum, handler in self.old_handlers.items():
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                signal.signal(signum, handler)
-        self.old_handlers.clear()
-
+    @defer_stop
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            return  # already stopping: teardown and the flush must finish
-        self.stopping = True
-        error: KeeperTaskError
-        if self.deadline_hit and signum == signal.SIGINT:
-            error = self._deadline_error()
-        else:
-            error = TaskInterrupted(signum, signal.Signals(signum).name)
-        self.cancelled = _Cancelled(error)
-        raise self.cancelled
+        canceller = self.canceller
+        if canceller is None:  # between installing the handlers and the canceller
+            raise _Cancelled()
+        if canceller.take_kick():  # our own re-delivery, not a new signal
+            canceller.deliver(frame)
+            return
+        name = signal.Signals(signum).name
+        with self.request_lock:
+            self.signals += 1
+            count = self.signals
+            if self.request is None:
+                self.request = TaskInterrupted(signum, name)
+        if count == 1:
+            self._start_grace()
+        elif count == 2 and self.process:
+            self._note(
+                f"note: {name} again: stopping is under way (teardown, then the flush within "
+                f"{self.flush_timeout:g} s); a third signal exits at once"
+            )
+        elif count >= 3:
+            self._force_exit(f"a third stop signal ({name}) ended the process at once", flush=False)
+        if canceller.request():
+            canceller.deliver(frame)
+
+    def _request_error(self) -> KeeperTaskError:
+        return self.request if self.request is not None else self._deadline_error()
 
     def _deadline_error(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"deadline of {self.deadline_s:g} s exceeded")
 
-    def _error_of(self, exc: _Cancelled) -> KeeperTaskError:
-        if isinstance(exc.error, DeadlineExceeded) and self.deadline_hit:
-            return self._deadline_error()
-        return exc.error
-
     def _start_deadline(self, seconds: float) -> None:
         self.deadline_s = seconds
-        target = threading.current_thread()
-        in_main = target is threading.main_thread() and bool(self.old_handlers)
 
         def fire() -> None:
-            if self.stopping:
-                return
-            self.deadline_hit = True
-            if in_main and hasattr(signal, "pthread_kill"):
-                # A real signal aimed at the main thread interrupts blocking calls such as
-                # time.sleep(); _thread.interrupt_main() would wait for them to return.
-                signal.pthread_kill(target.ident or 0, signal.SIGINT)
-            elif in_main:
-                _thread.interrupt_main(signal.SIGINT)
-            else:
-                self.stopping = True
-                _raise_in_thread(target, _Cancelled)  # stands for the deadline
+            with self.request_lock:
+                first = self.request is None
+                if first:
+                    self.request = self._deadline_error()
+            if first:
+                self._start_grace()
+            canceller = self.canceller
+            if canceller is not None and canceller.request():
+                canceller.kick()  # raised in the task's thread, at its next safe point
 
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
         timer.start()
         self.deadline_timer = timer
+
+    def _start_grace(self) -> None:
+        if self.grace_timer is not None or self.shutting_down:
+            return
+        grace = float(self.task_cls.stop_grace)
+        timer = threading.Timer(grace, self._grace_over, args=(grace,))
+        timer.daemon = True
+        timer.start()
+        self.grace_timer = timer
+
+    def _grace_over(self, grace: float) -> None:
+        if self.shutting_down:
+            return
+        why = f"setup()/run()/teardown() did not end within {grace:g} s (stop_grace)"
+        if not self.process:
+            if self.log is not None:
+                self.log.error("task.stop_overdue", reason=why)
+            return
+        self._force_exit(why, flush=True)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self.deadline_timer, self.grace_timer):
+            if timer is not None:
+                timer.cancel()
+
+    def _force_exit(self, why: str, *, flush: bool) -> None:
+        """End the process now with the stop's exit code (only when run by main()).
+
+        The work happens in a helper thread, bounded: this may be called from a signal
+        handler that interrupted the main thread while it held one of the locks used here.
+        """
+        if not self.process or self.forcing:
+            return
+        self.forcing = True
+        error = self._request_error()
+        code = int(error.exit_code)
+        mqtt, pipeline, log = self.mqtt, self.pipeline, self.log
+        lost: list[int] = []
+
+        def finish() -> None:
+            if log is not None:
+                log.error("task.stop_forced", reason=why, exit_code=code)
+            if pipeline is not None:
+                pipeline.flush()  # hand pending events to MQTT (and to stderr)
+            if mqtt is not None:
+                lost.append(mqtt.disconnect(timeout=self.flush_timeout) if flush else mqtt.unacked)
+
+        helper = threading.Thread(target=finish, name="keeper-task-exit", daemon=True)
+        helper.start()
+        helper.join(self.flush_timeout + 1.0 if flush else 1.0)
+        unacked = lost[0] if lost else (mqtt.unacked if mqtt is not None else 0)
+        skipped = "teardown and the flush skipped" if not flush else "teardown skipped"
+        self._note(f"error: {error}: {why}; {skipped}; {unacked} MQTT message(s) not acknowledged")
+        os._exit(code)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -442,33 +595,46 @@ class _Run:
         return round(time.monotonic() - self.started, 3)
 
     def _say(self, text: str) -> None:
+        if self.pipeline is not None:
+            self.pipeline.flush()  # log lines waiting in the pipeline come first
         print(f"{self.prog}: {text}", file=sys.stderr, flush=True)
+
+    def _note(self, text: str) -> None:
+        """One line straight to fd 2: safe in a signal handler (no lock of ours or io's)."""
+        with contextlib.suppress(OSError):
+            os.write(2, f"{self.prog}: {text}\n".encode(errors="replace"))
 
 
 class _Cancelled(BaseException):
-    """Ends ``setup()``/``run()`` on a signal or the deadline; ``error`` is the outcome.
+    """Ends ``setup()``/``run()`` on a signal or the deadline; the outcome is the run's request.
 
     A ``BaseException``, like ``KeyboardInterrupt``: an ``except Exception`` in task code, in
-    a library it calls, or in the log pipeline must not swallow the request to stop. Created
-    without arguments (an asynchronous raise in a thread), it stands for the deadline.
+    a library it calls, or in the log pipeline must not swallow the request to stop.
     """
 
-    def __init__(self, error: KeeperTaskError | None = None) -> None:
-        self.error: KeeperTaskError = error if error is not None else DeadlineExceeded()
-        super().__init__(str(self.error))
+    def __init__(self) -> None:
+        super().__init__("stop requested (signal or deadline)")
 
 
-def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    """Raise ``exc_type`` asynchronously in ``thread`` (in-process runs off the main thread).
-
-    It takes effect at the thread's next Python bytecode, not inside a blocking C call.
-    """
-    import ctypes
-
-    if thread.ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)
+def _system_exit(exc: SystemExit) -> tuple[int, str]:
+    """The exit code and one-line reason for ``sys.exit(...)`` called by task code."""
+    arg = exc.code
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    if frames:
+        last = frames[-1]
+        where = f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}()"
+    if arg is None:
+        return 0, ""
+    if isinstance(arg, int):
+        if 0 <= arg <= 255:
+            return arg, f"sys.exit({arg}) called{where}"
+        return ExitCode.TASK_FAILED, (
+            f"sys.exit({arg}) called{where}: exit codes are 0-255 (the OS would keep "
+            f"{arg & 0xFF}), so the task exits 1"
         )
+    text = " ".join(str(arg).split()) or repr(arg)
+    return ExitCode.TASK_FAILED, f"{text} (sys.exit called{where})"
 
 
 def _first_line(doc: str | None) -> str | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
-from typing import Literal
+import weakref
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from keeper_task import Task, TaskContext, TaskSettings
 
@@ -24,6 +27,12 @@ class SampleSettings(TaskSettings):
         "undeclared",
         "teardown-crash",
         "setup-sleep",
+        "finalizers",
+        "weakref-finalizers",
+        "generator-finalizers",
+        "swallow-all",
+        "sys-exit",
+        "sys-exit-text",
     ] = "ok"
     count: int = 1
     #: A secret-looking setting: its value must never reach a log line or an error message.
@@ -31,12 +40,62 @@ class SampleSettings(TaskSettings):
     #: Teardown says TEARDOWN-START on stdout, waits for a line on stdin, then publishes
     #: ``count`` events (drives "a second signal during teardown").
     teardown_wait: bool = False
+    #: Teardown says TEARDOWN-HANG on stdout, then never returns.
+    teardown_hang: bool = False
+
+
+def _busy(seconds: float = 0.02) -> None:
+    """Pure-Python work (no blocking call) for about ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class _SlowDel:
+    """An object whose finalizer does ~20 ms of pure-Python work."""
+
+    def __del__(self) -> None:
+        _busy()
+
+
+class _Plain:
+    pass
+
+
+def _slow_generator() -> Iterator[int]:
+    try:
+        yield 1
+    finally:  # runs when the generator is closed on being freed
+        _busy()
+
+
+def _finalizer_loop(kind: str) -> None:
+    """Make garbage whose finalizers take almost all of the time, forever."""
+    keep: list[Any] = []
+    rounds = 0
+    while True:
+        rounds += 1
+        if rounds == 5:  # in the loop's steady state: most of the time is in finalizers
+            print("READY", flush=True)
+        if kind == "finalizers":
+            _SlowDel()
+        elif kind == "weakref-finalizers":
+            obj = _Plain()
+            keep.append(weakref.ref(obj, lambda _ref: _busy()))
+            del obj
+            if len(keep) > 1000:
+                keep.clear()
+        else:
+            gen = _slow_generator()
+            next(gen)
+            del gen
 
 
 class Sample(Task[SampleSettings]):
     """Does what --behaviour says, so each exit path can be driven from a test."""
 
     publishes = ("Jobs/{job_id}/events",)
+    stop_grace = float(os.environ.get("SAMPLE_STOP_GRACE", "10"))
 
     def setup(self, ctx: TaskContext[SampleSettings]) -> None:
         ctx.log.info("sample.setup")
@@ -73,6 +132,25 @@ class Sample(Task[SampleSettings]):
             ctx.log.info("published", count=ctx.settings.count)
         elif behaviour == "undeclared":
             ctx.publish("Some/other/topic", "x")
+        elif behaviour in ("finalizers", "weakref-finalizers", "generator-finalizers"):
+            _finalizer_loop(behaviour)
+        elif behaviour == "swallow-all":
+            # The worst task code: every stop request is swallowed, forever. (A raise
+            # landing in the handler of the inner try is swallowed by the outer one.)
+            print("READY", flush=True)
+            while True:
+                try:
+                    while True:
+                        try:
+                            threading.Event().wait()
+                        except BaseException:
+                            print("SWALLOWED", flush=True)
+                except BaseException:
+                    pass
+        elif behaviour == "sys-exit":
+            sys.exit(ctx.settings.count)
+        elif behaviour == "sys-exit-text":
+            sys.exit("the inventory file is locked")
 
     def teardown(self, ctx: TaskContext[SampleSettings]) -> None:
         ctx.log.info("sample.teardown")
@@ -82,6 +160,10 @@ class Sample(Task[SampleSettings]):
             for i in range(ctx.settings.count):
                 ctx.publish_event({"i": i})
             ctx.log.info("sample.teardown_done")
+        if ctx.settings.teardown_hang:
+            print("TEARDOWN-HANG", flush=True)
+            while True:
+                time.sleep(3600)
         print("TEARDOWN", file=sys.stderr, flush=True)
         if ctx.settings.behaviour == "teardown-crash":
             raise RuntimeError("teardown failed")
