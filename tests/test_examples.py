@@ -152,3 +152,31 @@ def test_inventory_under_dev_run(scan_dir: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "inventory.summary" in done.stdout
     assert json.dumps({"event": "finished", "reported": 3}, separators=(",", ":")) in done.stdout
+
+
+def test_every_example_runs_with_the_command_the_readme_shows(tmp_path: Path) -> None:
+    """Each `keeper-task dev run examples/...` command of the README, run as written (the
+    venv's keeper-task is this one), exits 0: one per example directory."""
+    import re
+    import shlex
+
+    readme = " ".join((EXAMPLES.parent / "README.md").read_text(encoding="utf-8").split())
+    pattern = r"(?:\.venv/bin/)?keeper-task dev run examples/[^`#]*"
+    commands = sorted({c.strip() for c in re.findall(pattern, readme)})
+    covered = {shlex.split(c)[3].split("/")[1] for c in commands}
+    assert covered == {p.name for p in EXAMPLES.iterdir() if p.is_dir()}, commands
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+    env["TMPDIR"] = str(tmp_path)
+    for command in commands:
+        argv = shlex.split(command)
+        done = subprocess.run(
+            [sys.executable, "-m", "keeper_task.cli", *argv[1:]],
+            cwd=EXAMPLES.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0, (command, done.stdout + done.stderr)
+        assert "--- job " in done.stdout and ": succeeded" in done.stdout, done.stdout

@@ -13,10 +13,10 @@ Exercises the whole Plugin Settings API of the agent (Plugin tier) on the plugin
    plugin's JSON on disk; ``revert_all`` with ``--reset-all``:
    ``POST /api/PluginSettings/revert-all``.
 
-Run it under the emulator, with the plugin's on-disk settings::
+Run it under the emulator, which loads the plugin's on-disk settings from the ``plugins/``
+folder beside the job file::
 
-    keeper-task dev run examples/plugin_settings/job.json \\
-        --plugins-dir examples/plugin_settings/plugins
+    keeper-task dev run examples/plugin_settings/job.json
 """
 
 from __future__ import annotations
