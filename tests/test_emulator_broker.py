@@ -215,6 +215,50 @@ def _subscribe(client: mqtt.Client, topic_filter: str) -> int:
     return granted[0]
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_burst_reaches_subscribers_although_its_publisher_disconnects_at_once(qos: int) -> None:
+    """What a task publishes just before it disconnects reaches other subscribers, in order
+    (amqtt's own delivery loop drops a client's queued publishes at DISCONNECT)."""
+    n = 300
+    with Emulator(require_trusted_mqtt=False) as agent:
+        agent.add_job(
+            job_data(
+                "fan-job",
+                mqttTopics={
+                    "allowedPublications": ["Custom/fan"],
+                    "allowedSubscriptions": ["Custom/fan"],
+                },
+            )
+        )
+        received: list[bytes] = []
+        cond = threading.Condition()
+
+        def on_message(_c, _u, msg):
+            with cond:
+                received.append(msg.payload)
+                cond.notify_all()
+
+        sub = _client(agent, "fan-job_Sub")
+        sub.on_message = on_message
+        try:
+            assert _subscribe(sub, "Custom/fan") == 1
+            pub = _client(agent, "fan-job_Pub")
+            infos = [pub.publish("Custom/fan", f"m{i}", qos=qos) for i in range(n)]
+            for info in infos:
+                info.wait_for_publish(30)
+            pub.disconnect()
+            pub.loop_stop()
+            with cond:
+                cond.wait_for(lambda: len(received) >= n, timeout=30)
+                got = list(received)
+        finally:
+            sub.disconnect()
+            sub.loop_stop()
+        recorded = [m.payload for m in agent.messages]
+    assert got == [f"m{i}".encode() for i in range(n)]
+    assert recorded == got
+
+
 def test_subscription_permissions_use_the_shared_matcher() -> None:
     """A leading wildcard entry does not reach '$' topics, an explicit '$' entry does, and a
     malformed entry grants nothing."""
