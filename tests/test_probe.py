@@ -203,3 +203,34 @@ def test_dev_agent_like_report(tmp_path: Path) -> None:
         signal_before_kill=False,
     )
     assert agent.register_delay == 0.8
+
+
+def test_dev_run_like_report_passes_the_context_on_stdin(tmp_path: Path, capsys) -> None:
+    report = {
+        "kind": "keeper-task-probe-report",
+        "context": {"found": [{"via": "stdin", "name": "stdin"}]},
+    }
+    like = tmp_path / "report.json"
+    like.write_text(json.dumps(report))
+    job = tmp_path / "like-job.json"
+    job.write_text(
+        json.dumps(
+            {
+                "id": "like-job",
+                "name": "Like",
+                "enabled": True,
+                "events": [{"eventType": "Startup"}],
+                "tasks": [{"id": "t", "command": "echoer", "arguments": "{KeeperApiBaseUrl}"}],
+            }
+        )
+    )
+    script = tmp_path / "echoer.py"
+    script.write_text("import sys\nprint('GOT', sys.stdin.read().strip())\n")
+    args = ["dev", "run", str(job), "--task", f"{sys.executable} {script}"]
+    assert main([*args, "--context", '{"k": "v"}', "--like", str(like)]) == 0
+    assert 'GOT {"k":"v"}' in capsys.readouterr().out
+    # Without the report the emulator's default passes no context.
+    assert main([*args, "--context", '{"k": "v"}']) == 0
+    out = capsys.readouterr().out
+    assert "GOT" in out
+    assert '"k"' not in out

@@ -171,6 +171,72 @@ def _common(parser: argparse.ArgumentParser, *, port_help: str) -> None:
         help="seconds a launched task waits for trust (reproduces the startup 403)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="also print every API request")
+    _behaviour_options(parser)
+
+
+def _behaviour_options(parser: argparse.ArgumentParser) -> None:
+    """Switches for the agent behaviours its documentation leaves open (emulator/behaviour.py)."""
+    group = parser.add_argument_group(
+        "undocumented agent behaviour (default: the emulator's; --like takes a probe report)"
+    )
+    group.add_argument(
+        "--like",
+        metavar="REPORT.json",
+        help="behave like the agent a `keeper-task doctor probe --output` report measured; "
+        "the switches below override it",
+    )
+    group.add_argument(
+        "--client-id-format",
+        metavar="TEMPLATE",
+        help="the only MQTT client id the broker accepts, e.g. '{job_id}' or '{job_id}_{pid}' "
+        "(default: any id whose first '_' segment is a known job)",
+    )
+    group.add_argument(
+        "--context-via",
+        choices=("none", "args", "env", "stdin", "file"),
+        help="how a trigger's context reaches the task (default none)",
+    )
+    group.add_argument(
+        "--context-env",
+        metavar="NAME",
+        help="variable for --context-via env/file (default KEEPER_JOB_CONTEXT)",
+    )
+    group.add_argument(
+        "--kill-grace",
+        type=float,
+        metavar="S",
+        help="seconds between the terminate signal and the kill on timeoutSeconds (default 2)",
+    )
+    group.add_argument(
+        "--no-signal-before-kill",
+        dest="signal_before_kill",
+        action="store_false",
+        default=None,
+        help="on timeoutSeconds, kill at once without a terminate signal",
+    )
+
+
+def _behaviour(args: argparse.Namespace) -> Any:
+    """The :class:`AgentBehaviour` the options ask for (--like first, then each switch)."""
+    import dataclasses
+
+    from keeper_task.emulator.behaviour import AgentBehaviour
+
+    base = AgentBehaviour.from_probe_report(args.like) if args.like else AgentBehaviour()
+    changes: dict[str, Any] = {}
+    for option, field_name in (
+        ("client_id_format", "client_id_format"),
+        ("context_via", "context_via"),
+        ("context_env", "context_env_var"),
+        ("kill_grace", "kill_grace"),
+        ("signal_before_kill", "signal_before_kill"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            changes[field_name] = value
+    if args.register_delay:
+        changes["register_delay"] = args.register_delay
+    return dataclasses.replace(base, **changes)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -733,6 +799,7 @@ def _run(args: argparse.Namespace) -> int:
         settings=settings,
         register_delay=args.register_delay,
         plugins_dir=plugins_dir,
+        behaviour=_behaviour(args),
     )
     run: Any = None
     interrupted = False
@@ -862,6 +929,7 @@ def _agent(args: argparse.Namespace) -> int:
             settings=_settings(args.setting),
             register_delay=args.register_delay,
             plugins_dir=args.plugins_dir,
+            behaviour=_behaviour(args),
         )
 
     emulator = make(AGENT_PORT if args.port is None else args.port)
