@@ -11,8 +11,11 @@ The record handed to a schema (:class:`LogRecord`, a plain dict)::
     logger      str         the logger name (ctx.log is "task")
     job_id      str | None  KEEPER_JOB_ID
     job_name    str | None  KEEPER_JOB_NAME
-    exception   str | None  formatted traceback, for log.exception() / exc_info=
+    exception   str | None  formatted traceback, for log.exception() / exc_info= (messages
+                            holding a secret rebuilt from their redacted args)
     fields      dict        the event's other key/values, secrets already redacted
+                            (keeper_task.logging.redact: mappings arrive as dicts,
+                            sets as lists, models and dataclasses as dicts)
 
 The default schema, :class:`KeeperJsonSchema`, sends one compact UTF-8 JSON document per
 event; stderr JSON lines (non-terminal stderr) use the very same document::
