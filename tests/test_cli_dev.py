@@ -644,3 +644,23 @@ def test_dev_run_output_follows_event_time_not_arrival() -> None:
     streaming(OutputLine("run-1", "t", "stdout", "live"))
     assert out2.written.wait(200 * 0.05)  # a generous multiple of the window
     assert out2.getvalue() == "[stdout] live\n"
+
+
+def test_dev_run_in_a_project_without_a_job_for_this_os(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A project whose jobs are all for other OSes: one line naming the missing file and the
+    ones there are, exit 64, nothing started."""
+    from keeper_task import scaffold
+    from keeper_task.cli import main as cli_main
+
+    host = scaffold.current_os()
+    others = [o for o in scaffold.OS_NAMES if o != host]
+    project = tmp_path / "demo-task"
+    scaffold.create_project(scaffold.make_spec("demo-task", oses=others), project)
+    assert cli_main(["dev", "run", str(project)]) == 64
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("keeper-task: error: project ") and len(err.splitlines()) == 1
+    assert f"has no job for {host}: {project}/jobs/{host}/demo-task.json is missing" in err
+    assert f"jobs/{others[0]}/demo-task.json" in err

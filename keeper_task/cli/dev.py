@@ -679,8 +679,8 @@ def _locate_job(arg: str | None) -> tuple[Path, _Project | None, str | None]:
             found = f" (it has {', '.join(others)})" if others else ""
             raise UsageError(
                 f"project {where} has no job for {os_name}: {_shown(job)} is missing{found}; "
-                f"add it with keeper-task new {project.job_id} --os {os_name} --force in a "
-                "scratch directory and copy it, or give a job file"
+                f"create it (`keeper-task new {project.job_id} --os {os_name}` elsewhere "
+                "writes one to copy) or give a job file"
             )
         return job, project, f"the project's job for {os_name} (pyproject.toml)"
     single = base / "job.json"
