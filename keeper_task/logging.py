@@ -180,7 +180,7 @@ class _Redactor:
     * any :class:`~collections.abc.Mapping` becomes a ``dict``; the value of every key that
       :func:`looks_secret` becomes ``"[redacted]"``;
     * lists, tuples, sets, frozensets, deques and other sequences are walked (sets become
-      lists, tuples stay tuples);
+      lists, tuples stay tuples, a namedtuple becomes a ``dict`` of its fields);
     * pydantic models and settings become a ``dict`` of their fields; a field declared
       ``repr=False``, holding a ``SecretStr``/``SecretBytes``/``Secret`` or with a
       secret-looking name is redacted; extra fields are walked like a mapping;
@@ -238,6 +238,9 @@ class _Redactor:
         if isinstance(value, Mapping):
             return self._mapping(value.items(), depth)
         if isinstance(value, tuple):
+            names = getattr(type(value), "_fields", None)  # a namedtuple: its field names
+            if isinstance(names, tuple) and len(names) == len(value):
+                return self._mapping(zip(names, value, strict=True), depth)
             return tuple(self._sequence(value, depth))
         if isinstance(value, (list, set, frozenset, deque, Set, MappingView, Sequence)):
             return self._sequence(cast("Iterable[Any]", value), depth)

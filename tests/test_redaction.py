@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
 import structlog
@@ -115,6 +115,11 @@ class DCBox:
     inner: Any
 
 
+class Pair(NamedTuple):
+    user: str
+    token: str
+
+
 class Obj:
     """A plain object whose repr shows its secret attribute."""
 
@@ -199,6 +204,7 @@ secret_atoms = st.one_of(
     st.builds(lambda s: DC(user="bob", password=s), secrets_),
     st.builds(DCHidden, secrets_),
     st.builds(Frozen, secrets_),
+    st.builds(lambda s: Pair("bob", s), secrets_),
     st.builds(Obj, secrets_),
     st.builds(Slotted, secrets_),
     st.builds(lambda s: AgentSettings.from_map({"api.token": s, "broker.host": "h"}), secrets_),
@@ -210,6 +216,7 @@ secret_atoms = st.one_of(
 #: Hashable values holding a secret (members of sets).
 hashable_atoms = st.one_of(
     st.builds(Frozen, secrets_),
+    st.builds(lambda s: Pair("bob", s), secrets_),
     st.tuples(st.builds(Frozen, secrets_), plain),
 )
 
@@ -298,6 +305,7 @@ def test_the_property_test_would_see_a_leak() -> None:
         (MappingProxyType({"api.token": "t", "a": 1}), {"api.token": REDACTED, "a": 1}),
         ([[{"password": "p"}]], [[{"password": REDACTED}]]),
         (({"secret": "s"},), ({"secret": REDACTED},)),
+        (Pair("u", "t"), {"user": "u", "token": REDACTED}),
         ({Frozen("t")}, [{"token": REDACTED}]),
         (deque([{"cookie": "c"}]), [{"cookie": REDACTED}]),
         (Creds(token="t"), {"user": "bob", "token": REDACTED}),
