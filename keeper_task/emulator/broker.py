@@ -4,15 +4,28 @@
 certificate from the emulator's CA, MQTT 3.1.1. It enforces what the agent's broker enforces:
 
 * the client id is split on ``_``; its first segment must be a known, enabled job, otherwise
-  the connection is refused (CONNACK "not authorized");
+  the connection is refused (CONNACK "not authorized"); :attr:`BrokerPolicy.client_id_check`
+  adds a stricter client-id rule when one is configured;
 * the connecting process must be launched by the emulator (or a descendant, or explicitly
   trusted), like the agent's process trust (``require_trusted``, on by default);
 * a publish outside the job's ``mqttTopics.allowedPublications`` and a subscription outside
-  ``allowedSubscriptions`` are dropped with the connection kept, as the agent does, and,
-  unlike the agent, recorded as :class:`DeniedOperation` and reported loudly.
+  ``allowedSubscriptions`` are dropped with the connection kept, as the agent does (here
+  the publish is still acknowledged and the subscription gets SUBACK 0x80), and, unlike the
+  agent, recorded as :class:`DeniedOperation` and reported loudly.
 
-Entries with ``+``/``#`` in the job's lists are matched as MQTT filters (the agent's rule for
-wildcards in job permissions is undocumented).
+Entries in the job's lists are MQTT topic filters, matched by :mod:`keeper_task.topics` (the
+same matcher the task runtime uses): ``+``/``#`` are wildcards, a leading wildcard does not
+reach ``$`` topics, a malformed entry grants nothing. The agent's rule for wildcards in job
+permissions is undocumented.
+
+Where amqtt itself decides, the emulator reports what happens instead of hiding it: a
+publish to a ``$`` topic (or, from a raw client, to an invalid topic name) is a protocol
+error for amqtt, which then stops serving that connection; both it and every later publish
+on that connection are recorded as denied. The agent's behaviour there is unknown.
+
+The rules run in an amqtt plugin that uses amqtt's public plugin interface only
+(authentication, topic filtering, packet and client events, ``BrokerContext``); see
+:func:`_plugin_class` for why it forwards accepted publishes itself.
 
 **mosquitto** (``--broker mosquitto``): spawned with a generated config (TLS listener on
 127.0.0.1 with the emulator's certificate, anonymous access) and stopped by PID. It speaks
@@ -42,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from keeper_task.emulator.records import BrokerMessage, DeniedOperation, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.errors import EmulatorError
-from keeper_task.topics import is_valid_topic, topic_allowed
+from keeper_task.topics import topic_allowed
 
 if TYPE_CHECKING:
     from keeper_task.emulator.state import EmulatorState
@@ -415,7 +428,9 @@ def _plugin_class() -> type[Any]:
 
 def _protocol_problem(topic: str) -> str | None:
     """Why amqtt treats a PUBLISH to ``topic`` as a protocol error (None: it does not)."""
-    if not is_valid_topic(topic):
+    # amqtt's own checks (MQTT 4.7.3-1, 3.3.2-2, 4.7.2-1), mirrored: they run before any
+    # plugin is asked and end amqtt's handling of the connection.
+    if not topic or "+" in topic or "#" in topic:
         return (
             f"{topic!r} is not a valid topic name (empty, or with '+'/'#'); the broker stops "
             "serving the connection"
