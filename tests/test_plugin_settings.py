@@ -474,7 +474,7 @@ def test_timeouts_are_retried_then_agent_unreachable(agent):
             agent.server.base_url, timeout=0.2, retry=RetryPolicy(budget=0.8)
         ) as c,
         capture_logs() as logs,
-        pytest.raises(AgentTimeoutError, match="did not finish within 0.2 s") as info,
+        pytest.raises(AgentTimeoutError, match=r"did not finish within 0\.2 s") as info,
     ):
         c.get_all("KeeperPrivilegeManager")
     assert len(retry_events(logs)) >= 1

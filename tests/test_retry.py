@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keeper_task.agent.retry import RetryPolicy, call_with_retry, is_testing, set_testing
 from keeper_task.errors import SettingsError
@@ -50,103 +52,136 @@ def test_steps_double_from_initial_delay_and_stop_at_the_cap():
     assert policy.step(10_000) == 5.0  # no overflow for very long loops
 
 
-def test_full_jitter_stays_within_zero_and_the_step_and_varies():
-    """Full jitter draws each delay from [0, step], and the draws actually differ."""
-    policy = RetryPolicy(jitter="full")
-    rng = random.Random(7)
-    for attempt in range(1, 12):
-        samples = [policy.delay(attempt, rng=rng) for _ in range(200)]
-        assert all(0.0 <= s <= policy.step(attempt) for s in samples)
-        assert len(set(samples)) > 100
+class Fraction(random.Random):
+    """A random source whose ``uniform(a, b)`` is always ``a + f * (b - a)``."""
+
+    def __init__(self, f: float) -> None:
+        super().__init__(0)
+        self.f = f
+        self.calls: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.calls.append((a, b))
+        return a + self.f * (b - a)
 
 
-def test_decorrelated_jitter_is_bounded_by_initial_three_times_previous_and_cap():
-    """Decorrelated jitter stays in [initial_delay, min(max_delay, 3 * previous)]."""
-    policy = RetryPolicy(jitter="decorrelated", initial_delay=0.25, max_delay=5.0)
-    rng = random.Random(3)
-    previous = None
-    for attempt in range(1, 200):
-        delay = policy.delay(attempt, previous, rng)
-        upper = min(5.0, 3 * (previous or 0.25))
-        assert 0.25 <= delay <= max(upper, 0.25)
-        previous = delay
-    assert max(policy.delays(random.Random(1)).__next__() for _ in range(50)) <= 0.75
+@pytest.mark.parametrize("f", [0.0, 0.3, 1.0])
+def test_full_jitter_draws_each_delay_from_zero_to_the_step(f):
+    """The delay is uniform(0, step): exactly that interval is asked for, its draw returned."""
+    policy = RetryPolicy(initial_delay=0.25, multiplier=2, max_delay=5.0)
+    rng = Fraction(f)
+    got = [policy.delay(n, rng) for n in range(1, 8)]
+    steps = [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert rng.calls == [(0.0, step) for step in steps]
+    assert got == pytest.approx([f * step for step in steps])
 
 
-def test_no_jitter_gives_exactly_the_steps():
-    """jitter='none' yields the exponential schedule itself (deterministic)."""
-    delays = RetryPolicy(jitter="none").delays()
-    assert [next(delays) for _ in range(7)] == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+def test_full_jitter_spreads_delays_over_the_whole_interval():
+    """Drawn with a real generator, delays cover [0, step]: near both ends, mean near the middle."""
+    policy = RetryPolicy(initial_delay=1.0, max_delay=1.0)
+    rng = random.Random(20261201)
+    samples = [policy.delay(1, rng) for _ in range(4000)]
+    assert all(0.0 <= s <= 1.0 for s in samples)
+    assert min(samples) < 0.01 and max(samples) > 0.99
+    assert 0.47 < sum(samples) / len(samples) < 0.53
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"budget": -1},
+        {"budget": float("nan")},
+        {"budget": float("inf")},
+        {"refused_budget": -0.5},
         {"initial_delay": 0},
         {"multiplier": 0.5},
         {"max_delay": 0.1, "initial_delay": 0.25},
-        {"jitter": "sometimes"},
     ],
 )
 def test_invalid_policy_is_a_settings_error(kwargs):
-    """A policy that cannot work is refused when it is built, with SettingsError."""
-    with pytest.raises(SettingsError):
+    """A policy that cannot work is refused when it is built, with SettingsError (exit 78)."""
+    with pytest.raises(SettingsError) as info:
         RetryPolicy(**kwargs)
+    assert info.value.exit_code == 78
 
 
-def test_budget_bounds_the_total_time_with_a_fake_clock():
-    """Retries stop before elapsed time plus the next delay would pass the budget."""
+def test_the_last_wait_is_shortened_to_end_at_the_budget():
+    """Retries go on while budget is left; the last delay is cut to land on the deadline."""
     t = FakeTime()
     calls: list[int] = []
-    policy = RetryPolicy(budget=10.0, jitter="none")
     with pytest.raises(Flaky):
         call_with_retry(
             always_failing(calls),
-            policy=policy,
+            policy=RetryPolicy(budget=10.0),
             retry_on=lambda e: True,
             clock=t.clock,
             sleep=t.sleep,
+            rng=Fraction(1.0),
         )
-    # 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s slept; the next 5 s delay would end at 12.75 > 10.
-    assert t.sleeps == [0.25, 0.5, 1.0, 2.0, 4.0]
-    assert len(calls) == 6
-    assert t.now - 100.0 <= 10.0
+    # 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s; the next 5 s step is cut to the 2.25 s left.
+    assert t.sleeps == [0.25, 0.5, 1.0, 2.0, 4.0, 2.25]
+    assert len(calls) == 7
+    assert t.now - 100.0 == pytest.approx(10.0)
 
 
-def test_time_spent_in_the_call_counts_against_the_budget():
-    """Slow attempts use up the budget too, so fewer retries happen."""
+def test_the_attempt_started_last_may_overrun_the_budget_by_its_own_length():
+    """Slow attempts use the budget too; the call ends at most one attempt past it."""
     t = FakeTime()
     calls: list[int] = []
-    policy = RetryPolicy(budget=10.0, jitter="none")
     with pytest.raises(Flaky):
         call_with_retry(
             always_failing(calls, cost=2.0, time=t),
-            policy=policy,
+            policy=RetryPolicy(budget=10.0),
             retry_on=lambda e: True,
             clock=t.clock,
             sleep=t.sleep,
+            rng=Fraction(1.0),
         )
-    # attempt 2 s, sleep .25, attempt 2 s, sleep .5, attempt 2 s, sleep 1 (7.75), attempt 2 s
-    # (9.75): 9.75 + 2 > 10, so it stops after 4 attempts.
-    assert len(calls) == 4
-    assert t.now - 100.0 <= 10.0
+    # 2, .25, 2, .5, 2, 1, 2 (9.75), then .25 left: wait it, attempt 5 ends at 12.
+    assert t.sleeps == [0.25, 0.5, 1.0, 0.25]
+    assert len(calls) == 5
+    assert t.now - 100.0 == pytest.approx(12.0)
 
 
-def test_jittered_delays_never_push_past_the_budget():
-    """With random jitter the summed time still stays inside the budget."""
-    for seed in range(50):
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.floats(min_value=0.0, max_value=60.0),
+    cost=st.floats(min_value=0.0, max_value=7.0),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_the_call_ends_inside_budget_plus_one_attempt(budget, cost, seed):
+    """Whatever the budget, attempt cost and jitter: no give-up before the budget is spent,
+    and the end is at most one attempt later."""
+    t = FakeTime()
+    with pytest.raises(Flaky):
+        call_with_retry(
+            always_failing([], cost=cost, time=t),
+            policy=RetryPolicy(budget=budget),
+            retry_on=lambda e: True,
+            clock=t.clock,
+            sleep=t.sleep,
+            rng=random.Random(seed),
+        )
+    elapsed = t.now - 100.0
+    assert max(budget, cost) <= elapsed + 1e-6  # 1 µs: the loop's clock resolution
+    assert elapsed <= budget + cost + 1e-9
+
+
+def test_budget_for_gives_one_kind_of_error_a_shorter_budget():
+    """budget_for shortens the budget for the errors it names; others keep the policy's."""
+    for short, expected_end in ((True, 1.0), (False, 10.0)):
         t = FakeTime()
         with pytest.raises(Flaky):
             call_with_retry(
-                always_failing([], cost=0.01, time=t),
-                policy=RetryPolicy(budget=3.0),
+                always_failing([]),
+                policy=RetryPolicy(budget=10.0),
                 retry_on=lambda e: True,
+                budget_for=lambda e, short=short: 1.0 if short else 99.0,
                 clock=t.clock,
                 sleep=t.sleep,
-                rng=random.Random(seed),
+                rng=Fraction(1.0),
             )
-        assert t.now - 100.0 <= 3.0 + 0.01  # the last attempt itself may end at the edge
+        assert t.now - 100.0 == pytest.approx(expected_end)
 
 
 def test_error_not_accepted_by_retry_on_propagates_at_once():
@@ -184,11 +219,12 @@ def test_success_after_failures_returns_the_value_and_reports_each_retry():
 
     value = call_with_retry(
         fn,
-        policy=RetryPolicy(jitter="none"),
+        policy=RetryPolicy(),
         retry_on=lambda e: True,
         on_retry=lambda n, d, e: seen.append((n, d, str(e))),
         clock=t.clock,
         sleep=t.sleep,
+        rng=Fraction(1.0),
     )
     assert value == "done"
     assert seen == [(1, 0.25, "a"), (2, 0.5, "b")]
@@ -204,17 +240,19 @@ def test_on_give_up_replaces_the_last_error_and_chains_it():
         got.append((n, elapsed))
         return Fatal(f"gave up after {n}")
 
-    with pytest.raises(Fatal, match="gave up after 3") as info:
+    with pytest.raises(Fatal, match="gave up after 4") as info:
         call_with_retry(
             always_failing([]),
-            policy=RetryPolicy(budget=1.0, jitter="none"),
+            policy=RetryPolicy(budget=1.0),
             retry_on=lambda e: True,
             on_give_up=give_up,
             clock=t.clock,
             sleep=t.sleep,
+            rng=Fraction(1.0),
         )
     assert isinstance(info.value.__cause__, Flaky)
-    assert got == [(3, 0.75)]
+    # .25 + .5, then the 1 s step cut to the .25 s left: 4 attempts, given up at 1.0 s.
+    assert got == [(4, 1.0)]
 
 
 def test_zero_budget_means_one_attempt():
@@ -237,16 +275,18 @@ def test_testing_mode_never_sleeps_but_makes_the_production_number_of_attempts()
         with pytest.raises(Flaky):
             call_with_retry(
                 always_failing(calls),
-                policy=RetryPolicy(budget=30.0, jitter="none"),
+                policy=RetryPolicy(budget=30.0),
                 retry_on=lambda e: True,
                 on_retry=lambda n, d, e: retries.append(d),
+                clock=FakeTime().clock,  # only the virtual clock moves
                 sleep=slept.append,
+                rng=Fraction(1.0),
             )
     assert not is_testing()
     assert slept == []
-    # 0.25+0.5+1+2+4+5+5+5+5 = 27.75 s of virtual delay; one more 5 s would pass 30 s.
-    assert retries == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]
-    assert len(calls) == 10
+    # 0.25+0.5+1+2+4+5+5+5+5 = 27.75 s of virtual delay, then the 2.25 s left.
+    assert retries == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 2.25]
+    assert len(calls) == 11
 
 
 def test_testing_mode_can_cap_attempts_and_restores_the_previous_mode():

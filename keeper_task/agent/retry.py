@@ -174,6 +174,9 @@ def is_testing() -> bool:
 
 # --- the loop -----------------------------------------------------------------------------------
 
+#: Budget left below this counts as spent: a shorter wait could not move a clock forward.
+_RESOLUTION = 1e-6
+
 
 def call_with_retry(
     fn: Callable[[], T],
@@ -221,7 +224,7 @@ def call_with_retry(
             elapsed = clock() - start + skipped
             budget = policy.budget if budget_for is None else min(policy.budget, budget_for(exc))
             left = budget - elapsed
-            if left <= 0 or _out_of_attempts(attempt):
+            if left < _RESOLUTION or _out_of_attempts(attempt):
                 _give_up(on_give_up, attempt, elapsed, exc)
                 raise
             # Never give up while budget is left: the last wait ends at the deadline.
