@@ -91,6 +91,8 @@ def _relative(path: Path, cwd: Path) -> str:
         shown = os.path.relpath(path, cwd)
     except ValueError:  # another drive on Windows
         return str(path)
+    if shown.split(os.sep).count("..") > 1:  # far away: the absolute path reads better
+        return str(path)
     return shown if shown.startswith("..") or os.sep in shown else f".{os.sep}{shown}"
 
 
@@ -124,12 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     me = _self_command(target)
     print("run it now under the emulated agent (no install needed):", file=out)
     print(f"  cd {shown} && {me} dev run", file=out)
-    print("then (see its README.md):", file=out)
-    print("  pip install -e '.[test]'         # the task, the emulator and pytest", file=out)
-    print("  python -m pytest                 # its tests pass as generated", file=out)
-    print(
-        f"  keeper-task build                # dist/Jobs/bin/{spec.command}/ and a deploy bundle",
-        file=out,
-    )
-    print("  keeper-task dev run --agent-root dist   # the built binary", file=out)
+    print("then, in the project (see its README.md):", file=out)
+    steps = [
+        ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'", "its own venv"),
+        (".venv/bin/python -m pytest", "its tests pass as generated"),
+        (".venv/bin/pip install -q 'keeper-task[build]'", "PyInstaller"),
+        (".venv/bin/keeper-task build", f"dist/Jobs/bin/{spec.command}/ and a deploy bundle"),
+        (".venv/bin/keeper-task dev run --agent-root dist", "the built binary"),
+    ]
+    for command, why in steps:
+        print(f"  {command:<64} # {why}", file=out)
     return 0
