@@ -102,11 +102,14 @@ def test_validate_malformed_and_missing_files(
     bad.write_text('{\n  "id": "bad",\n  "tasks": [,]\n}', encoding="utf-8")
     good = write_job(tmp_path, example_job())
     missing = tmp_path / "missing.json"
-    code, out, _ = run(capsys, "job", "validate", str(bad), str(missing), str(good))
+    code, out, _ = run(capsys, "job", "validate", str(bad), str(good))
     assert code == 1
     assert f"{bad}:3:13: error: malformed JSON: Expecting value" in out
-    assert f"{missing}: error: job file {missing} does not exist" in out
     assert f"{good}: valid" in out
+    # A missing input file is a usage error found before anything runs (exit 64).
+    code, out, err = run(capsys, "job", "validate", str(bad), str(missing), str(good))
+    assert (code, out) == (64, "")
+    assert err == f"keeper-task: error: job file {missing} does not exist\n"
 
 
 def test_validate_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,12 +251,12 @@ def test_unknown_job_and_rejected_create_exit_non_zero(
     bad = example_job("x")
     bad["enabled"] = "yes"
     code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
-    assert code == 1 and "enabled must be a boolean" in err  # refused locally: wrong type
-    assert err.count("\n") == 1
-    del bad["enabled"]
-    code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, bad)), *conn)
+    assert code == 1 and "enabled must be true or false, got a string" in err  # refused locally
+    assert "nothing was sent to the agent" in err and err.count("\n") == 1
+    agent.refuse["x"] = ["binary not found on the validating host", "second problem"]
+    code, _, err = run(capsys, "job", "create", str(write_job(tmp_path, example_job("x"))), *conn)
     assert code == 1 and err.count("\n") == 1
-    assert "the agent rejected job 'x' (400): enabled is missing (true or false)" in err
+    assert "the agent rejected job 'x' (400): binary not found on the validating host" in err
     agent.jobs["off"] = example_job("off", enabled=False)
     code, _, err = run(capsys, "job", "trigger", "off", *conn)
     assert code == 1 and "Job off is disabled" in err
@@ -262,6 +265,15 @@ def test_unknown_job_and_rejected_create_exit_non_zero(
     code, _, err = run(capsys, "job", "create", str(malformed), *conn)
     assert code == 1 and f"{malformed}:2:12: malformed JSON" in err
     assert server_requests_of(agent) == ["GET", "POST", "POST"]  # nothing sent for local errors
+    # --json gives the agent's errors as the array it sent.
+    code, out, _ = run(
+        capsys, "job", "create", "--json", str(write_job(tmp_path, example_job("x"))), *conn
+    )
+    assert code == 1
+    assert json.loads(out)["errors"] == [
+        "binary not found on the validating host",
+        "second problem",
+    ]
 
 
 def server_requests_of(agent: FakeJobsAgent) -> list[str]:
@@ -603,7 +615,7 @@ def test_deploy_of_an_invalid_job_places_nothing(
     [
         ("missing binary", 64, "--binary {tmp}/nope does not exist; build the task first"),
         ("empty dir", 64, "--binary directory {tmp}/empty has no DiskUsageReporter at its top"),
-        ("missing job", 1, "job file {tmp}/missing.json does not exist"),
+        ("missing job", 64, "job file {tmp}/missing.json does not exist"),
         ("two commands", 64, "has several task commands (DiskUsageReporter, Second)"),
         ("unreachable", 69, "cannot connect to the agent at"),
     ],
@@ -741,7 +753,8 @@ def test_job_commands_against_the_emulator(
             "--ca-bundle",
             str(emu.ca_bundle),
         )
-        assert code == 77 and f"rejected the client certificate {pki.other_pem}" in err
+        # Another CA's certificate completes TLS and gets the documented 403 (Admin tier).
+        assert code == 77 and "refused the job list with 403 (TLS worked)" in err
 
 
 def test_get_prints_what_the_agent_holds_even_outside_the_model(

@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import socket
+import ssl
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from keeper_task.agent.jobs import DEFAULT_AGENT_URL, JobsClient
 from keeper_task.errors import (
+    AgentError,
+    AgentUnreachableError,
     JobDefinitionError,
     KeeperTaskError,
+    NotTrustedError,
     UsageError,
     ValidationFailedError,
 )
@@ -48,6 +55,8 @@ __all__ = ["register"]
 
 AGENT_ROOT_ENV = "KEEPER_AGENT_ROOT"
 EXIT_INVALID = 1
+#: Largest ``--timeout`` accepted: a day (more is a typo, and overflows socket timeouts).
+MAX_TIMEOUT = 86400.0
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -107,7 +116,11 @@ def register(subparsers: Any) -> None:
         help="CA bundle to verify the agent (env KEEPER_CA_BUNDLE); without it TLS is "
         "unverified, which is allowed toward loopback only",
     )
-    group.add_argument("--timeout", type=float, help="seconds per request (default 30)")
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        help=f"seconds per request, more than 0 and at most {MAX_TIMEOUT:g} (default 30)",
+    )
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -149,9 +162,23 @@ def register(subparsers: Any) -> None:
     add("list", _cmd_list, "list the jobs the agent knows")
     p = add("get", _cmd_get, "print one job definition as JSON")
     p.add_argument("job_id", metavar="ID")
-    p = add("create", _cmd_create, "create a job from a file (or update it if the id exists)")
+    p = add(
+        "create",
+        _cmd_create,
+        "create a job from a file (or update it if the id exists); the job is checked "
+        "offline first",
+    )
     p.add_argument("file", metavar="FILE")
-    p = add("update", _cmd_update, "replace an existing job; the ID given here wins")
+    p.add_argument(
+        "--any-file-name",
+        action="store_true",
+        help="do not require the file to be named <id>.json (the agent stores it as that)",
+    )
+    p = add(
+        "update",
+        _cmd_update,
+        "replace an existing job; the ID given here wins; the job is checked offline first",
+    )
     p.add_argument("job_id", metavar="ID")
     p.add_argument("file", metavar="FILE")
     p = add("delete", _cmd_delete, "delete a job")
@@ -230,17 +257,166 @@ def _guarded(func: Command) -> Command:
 
     def run(args: argparse.Namespace) -> int:
         try:
+            _check_inputs(args)
             return func(args)
         except (KeeperTaskError, _Failed) as exc:
             error = exc.error if isinstance(exc, _Failed) else exc
-            fields = exc.fields if isinstance(exc, _Failed) else {}
+            fields = dict(exc.fields) if isinstance(exc, _Failed) else {}
+            if isinstance(error, (AgentUnreachableError, NotTrustedError)) and (
+                error.status_code is None
+            ):
+                error = _diagnose(args, error) or error
             code = _exit_code(error)
+            if isinstance(error, ValidationFailedError) and "errors" not in fields:
+                # The agent's (or our offline check's) errors as sent: an array, not one string.
+                fields["errors"] = list(error.errors)
             if getattr(args, "json", False):
                 _print_json({"ok": False, "error": str(error), "exitCode": code, **fields})
             print(f"keeper-task: error: {error}", file=sys.stderr)
             return code
 
     return run
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse bad option values and unreadable input files before anything starts (exit 64)."""
+    raw = getattr(args, "timeout", None)
+    if isinstance(raw, str):
+        args.timeout = parse_timeout(raw)
+    files = list(getattr(args, "files", None) or [])
+    if getattr(args, "file", None) is not None:
+        files.append(args.file)
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise UsageError(f"job file {name} does not exist")
+        if path.is_dir():
+            raise UsageError(f"job file {name} is a directory, not a JSON file")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"job file {name} is not readable (check its permissions)")
+
+
+def parse_timeout(text: str) -> float:
+    """Parse ``--timeout``: a finite number of seconds, > 0 and <= :data:`MAX_TIMEOUT`.
+
+    Raises:
+        UsageError: Not a number, not finite, or out of range.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--timeout {text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT:
+        raise UsageError(
+            f"--timeout {text!r} is out of range: give seconds more than 0 and at most "
+            f"{MAX_TIMEOUT:g}"
+        )
+    return value
+
+
+def _diagnose(args: argparse.Namespace, error: AgentError) -> AgentError | None:
+    """Tell what answers at the URL when a request failed below HTTP; None keeps ``error``."""
+    url = getattr(args, "url", None) or os.environ.get("KEEPER_AGENT_URL") or DEFAULT_AGENT_URL
+    timeout = min(float(getattr(args, "timeout", None) or 5.0), 5.0)
+    found = probe_service(url, timeout)
+    if found is None:
+        return None
+    return AgentUnreachableError(
+        f"{url} is not the agent's HTTPS API: {found}; point --url (or KEEPER_AGENT_URL) at "
+        "https://127.0.0.1:<Settings:KestrelHttpsPort> (6889 by default)",
+        url=url,
+    )
+
+
+def probe_service(url: str, timeout: float) -> str | None:
+    """Say what listens at ``url`` when it is not an HTTPS server; None when it is (or is down,
+    or the answer proves nothing).
+
+    A TLS 1.2 handshake without a client certificate (in TLS 1.2 a server that insists on
+    one refuses during the handshake, so a finished handshake is not about certificates),
+    then ``GET /health``; an MQTT CONNECT to name a broker; a plain-HTTP try when TLS fails.
+    Never raises.
+    """
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        host = parsed.hostname or "127.0.0.1"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return None
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # a probe of what answers, not a trust decision
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    def tls_exchange(payload: bytes) -> bytes | None:
+        """Send over TLS; the answer's first bytes, or None when TLS itself failed."""
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            tls = ctx.wrap_socket(raw, server_hostname=host)
+            with tls:
+                tls.sendall(payload)
+                try:
+                    return _read_head(tls)
+                except ssl.SSLError as exc:
+                    if "alert" in str(exc).lower():
+                        raise
+                    return b""
+                except OSError:  # reset or silence after a finished handshake: not HTTP
+                    return b""
+
+    try:
+        head = tls_exchange(request)
+    except ssl.SSLError as exc:
+        if "alert" in str(exc).lower():
+            return None  # a TLS server that refused this client: HTTPS after all
+        return _plain_probe(host, port, request, timeout)
+    except ConnectionRefusedError:
+        return None  # nothing listens: the original message says so
+    except OSError:
+        return _plain_probe(host, port, request, timeout)
+    if head is None or head.startswith(b"HTTP/"):
+        return None
+    try:
+        mqtt = (tls_exchange(_MQTT_CONNECT) or b"")[:1] == b"\x20"
+    except OSError:
+        mqtt = False
+    if mqtt:
+        return "it is an MQTT broker over TLS (it answered an MQTT CONNECT), not HTTPS"
+    return "it accepts TLS but does not answer HTTP"
+
+
+#: An MQTT 3.1.1 CONNECT (client id "keeper-task-probe", clean session, keepalive 10 s).
+_MQTT_CONNECT = b"\x10\x1d\x00\x04MQTT\x04\x02\x00\x0a\x00\x11keeper-task-probe"
+
+
+def _plain_probe(host: str, port: int, request: bytes, timeout: float) -> str | None:
+    def exchange(payload: bytes) -> bytes:
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                raw.sendall(payload)
+                return _read_head(raw)
+        except OSError:  # reset or timed out: no answer
+            return b""
+
+    head = exchange(request)
+    if head.startswith(b"HTTP/"):
+        return "it speaks plain HTTP, not HTTPS (the agent's HTTP port is not for admin calls)"
+    if head[:1] == b"\x15":
+        return None  # a TLS alert record: a TLS server that did not like the probe
+    if exchange(_MQTT_CONNECT)[:1] == b"\x20":
+        return "it is an MQTT broker without TLS (it answered an MQTT CONNECT), not HTTPS"
+    return None  # nothing conclusive: keep the original diagnosis
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    """The first bytes of the answer (fewer at end of file); raises what the socket raises."""
+    data = b""
+    while len(data) < 5:
+        chunk = sock.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _client(args: argparse.Namespace) -> JobsClient:
@@ -250,6 +426,26 @@ def _client(args: argparse.Namespace) -> JobsClient:
         client_key=args.key,
         ca_bundle=args.ca_bundle,
         timeout=args.timeout,
+    )
+
+
+def _check_offline(
+    path: str, data: Any, *, file_name: str | None, url_id: str | None = None
+) -> None:
+    """The agent's rules, offline, before anything is sent (raises ValidationFailedError)."""
+    if url_id is not None and isinstance(data, dict):
+        # PUT: the URL id replaces the body's, as the agent does; check what it will store.
+        data = {k: v for k, v in data.items() if str(k).lower() != "id"}
+        data = {"id": url_id, **data}
+    report = validate_job(data, file_name=file_name)
+    if report.valid:
+        return
+    more = f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+    raise ValidationFailedError(
+        f"{path} is invalid, nothing was sent to the agent: {report.errors[0]}{more}; "
+        f"`keeper-task job validate {path}` shows every problem",
+        errors=report.errors,
+        status_code=None,
     )
 
 
@@ -413,6 +609,8 @@ def _done(args: argparse.Namespace, message: str, job_id: str | None, response: 
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
+    data = read_job_json(args.file)
+    _check_offline(args.file, data, file_name=None if args.any_file_name else args.file)
     job = load_job(args.file)
     with _client(args) as client:
         response = client.create(job)
@@ -420,6 +618,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
+    data = read_job_json(args.file)
+    _check_offline(args.file, data, file_name=None, url_id=args.job_id)
     job = load_job(args.file)
     if job.id is not None and job.id != args.job_id:
         print(

@@ -129,6 +129,9 @@ class FakeJobsAgent:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.triggered: list[tuple[str, Any]] = []
         self.reloads = 0
+        #: Job ids POST refuses with these errors (what the agent alone knows, e.g. a
+        #: binary missing on its host).
+        self.refuse: dict[str, list[str]] = {}
         r = server.route
         r("GET", r"/api/Jobs", self._list)
         r("POST", r"/api/Jobs", self._create)
@@ -161,6 +164,8 @@ class FakeJobsAgent:
         report = validate_job(body)
         if not report.valid:
             return Response(400, {"errors": report.errors})
+        if body["id"] in self.refuse:
+            return Response(400, {"errors": self.refuse[body["id"]]})
         self.jobs[body["id"]] = body
         return Response(200, {"message": "Job saved", "jobId": body["id"]})
 
