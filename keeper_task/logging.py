@@ -865,9 +865,10 @@ class LogPipeline:
                 switch to paho's network thread each time. Without it, each event is
                 published before the log call returns.
         """
+        previous = self._mqtt_batch
+        if previous is not None:
+            previous.close()  # attached again: what the previous publisher has is sent first
         with critical_section(), self._lock:
-            if self._mqtt_batch is not None:
-                self._mqtt_batch.close()
             queue = _Batcher(
                 self._publish_many,
                 name="keeper-task-keeperlogger",
