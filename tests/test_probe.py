@@ -234,3 +234,34 @@ def test_dev_run_like_report_passes_the_context_on_stdin(tmp_path: Path, capsys)
     out = capsys.readouterr().out
     assert "GOT" in out
     assert '"k"' not in out
+
+
+def test_probe_needs_the_admin_certificate(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("KEEPER_ADMIN_CERT", raising=False)
+    assert main(["doctor", "probe", "--agent-root", "."]) == 64
+    err = capsys.readouterr().err
+    assert "needs --cert" in err
+    assert "Traceback" not in err
+
+
+def test_probe_refused_by_the_agent_is_one_line_and_leaves_nothing(tmp_path: Path, capsys) -> None:
+    with Emulator() as agent:
+        code = main(
+            [
+                "doctor",
+                "probe",
+                "--agent-root",
+                str(agent.agent_root),
+                "--cert",
+                str(agent.admin_cert),
+                "--key",
+                str(agent.admin_key),
+                "--python",
+                str(tmp_path / "no-such-python"),
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 69
+        assert "refused probe job 'keeper-task-probe'" in err
+        assert "Traceback" not in err
+        assert agent.jobs() == []

@@ -176,29 +176,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _agent_url(options: Any) -> str:
     """The HTTPS API: --url, else the port in the agent root's appsettings.json."""
-    from keeper_task.doctor.checks import (
-        DEFAULT_HTTPS_PORT,
-        _port_value,
-        _section,
-        find_agent_root,
-        read_appsettings,
-    )
-    from keeper_task.errors import SettingsError
+    from keeper_task.doctor.checks import api_url, find_agent_root
 
     if options.url:
         return str(options.url)
     root, _ = find_agent_root(options.agent_root)
-    port = DEFAULT_HTTPS_PORT
-    settings_file = root / "appsettings.json"
-    if settings_file.is_file():
-        try:
-            found, _problem = _port_value(
-                _section(read_appsettings(settings_file), "Settings"), "KestrelHttpsPort"
-            )
-        except SettingsError:
-            found = None
-        port = found or port
-    return f"https://127.0.0.1:{port}"
+    return api_url(root)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

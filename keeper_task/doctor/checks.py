@@ -54,6 +54,7 @@ __all__ = [
     "Check",
     "DoctorOptions",
     "Status",
+    "api_url",
     "find_agent_root",
     "read_appsettings",
     "run_checks",
@@ -160,6 +161,23 @@ def read_appsettings(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"{path} must hold a JSON object")
     return data
+
+
+def api_url(root: Path) -> str:
+    """``https://127.0.0.1:<Settings:KestrelHttpsPort>`` from ``root/appsettings.json``.
+
+    The documented default port (6889) when the file or the key is missing or unreadable.
+    """
+    port = None
+    settings_file = root / "appsettings.json"
+    if settings_file.is_file():
+        try:
+            port, _ = _port_value(
+                _section(read_appsettings(settings_file), "Settings"), "KestrelHttpsPort"
+            )
+        except SettingsError:
+            port = None
+    return f"https://127.0.0.1:{port or DEFAULT_HTTPS_PORT}"
 
 
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
