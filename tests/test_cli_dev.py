@@ -562,6 +562,9 @@ def test_dev_agent_takes_port_6889_else_warns_and_takes_a_free_one(tmp_path: Pat
     except OSError:  # something else holds 6889 already: the fallback is what we test
         holder.close()
         holder = None
+    # A broken job file: its notice shows that the fallback emulator's events are printed.
+    (tmp_path / "state" / "Jobs").mkdir(parents=True)
+    (tmp_path / "state" / "Jobs" / "broken.json").write_text('{"id": "broken",')
     proc = _start_dev_agent(tmp_path / "state")
     try:
         lines = _lines_of(proc)
@@ -582,6 +585,7 @@ def test_dev_agent_takes_port_6889_else_warns_and_takes_a_free_one(tmp_path: Pat
         f"keeper-task: warning: port {AGENT_PORT} (the agent's) is in use; serving on {port} "
         f"instead: pass --url https://127.0.0.1:{port} to keeper-task job and deploy.sh"
     ]
+    assert "keeper-task: job file skipped:" in stderr and "broken.json" in stderr
     # Free again: the agent's port is taken.
     proc = _start_dev_agent(tmp_path / "state")
     try:

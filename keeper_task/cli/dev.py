@@ -887,21 +887,42 @@ def _summary(
 # --- dev agent -----------------------------------------------------------------------------
 
 
-def _start_on_agent_port(emulator: Any, make: Any) -> Any:
-    """Start ``emulator`` on :data:`AGENT_PORT`; when that is taken, a new one on a free port.
+def _port_in_use(exc: EmulatorError) -> bool:
+    import errno
+
+    cause = exc.__cause__
+    in_use = (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
+    return isinstance(cause, OSError) and cause.errno in in_use
+
+
+def _agent_port_free() -> bool:
+    """Whether 127.0.0.1:6889 can be listened on now (bound the way the emulator binds)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        if os.name != "nt":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", AGENT_PORT))
+        except OSError:
+            return False
+    return True
+
+
+def _start_on_agent_port(make: Any) -> Any:
+    """Start an emulator on :data:`AGENT_PORT`; when that is taken, on a free port.
 
     ``keeper-task job`` and ``deploy.sh`` default to the agent's port, so a rehearsal needs no
     ``--url`` unless something (a real agent) already listens there: then one warning line.
+    The port is probed first so that only one emulator (and one set of notices) is made; one
+    taken between the probe and the start is handled the same way.
     """
-    import errno
-
-    try:
-        return emulator.start()
-    except EmulatorError as exc:
-        cause = exc.__cause__
-        in_use = (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
-        if not isinstance(cause, OSError) or cause.errno not in in_use:
-            raise
+    if _agent_port_free():
+        try:
+            return make(AGENT_PORT).start()
+        except EmulatorError as exc:
+            if not _port_in_use(exc):
+                raise
     fallback = make(0).start()
     print(
         f"keeper-task: warning: port {AGENT_PORT} (the agent's) is in use; serving on "
@@ -921,7 +942,7 @@ def _agent(args: argparse.Namespace) -> int:
     printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, runs=True)
 
     def make(port: int) -> Any:
-        return Emulator(
+        made = Emulator(
             jobs_dir=args.jobs_dir,
             state_dir=args.state_dir,
             port=port,
@@ -931,15 +952,14 @@ def _agent(args: argparse.Namespace) -> int:
             plugins_dir=args.plugins_dir,
             behaviour=_behaviour(args),
         )
+        # Listening from the start: job files skipped at load time are reported too.
+        made.on_event(printer)
+        return made
 
-    emulator = make(AGENT_PORT if args.port is None else args.port)
     stop = threading.Event()
-    # Listening from the start: job files skipped at load time are reported too.
-    emulator.on_event(printer)
     with _Signals():
         try:
-            if args.port is None:
-                emulator = _start_on_agent_port(emulator, make)
+            emulator = _start_on_agent_port(make) if args.port is None else make(args.port)
             with emulator:
                 broker = emulator.broker
                 assert broker is not None
@@ -962,6 +982,7 @@ def _agent(args: argparse.Namespace) -> int:
                 while not stop.wait(3600):
                     pass
         except KeyboardInterrupt:
+            printer.flush()  # lines still held for ordering
             print("keeper-task dev agent: stopped", file=sys.stderr, flush=True)
     return 0
 
