@@ -95,7 +95,8 @@ def test_healthy_agent_all_pass(capsys, healthy: Emulator) -> None:
     assert str(healthy.broker.port) in named["broker port"]["detail"]
 
 
-def test_text_output_one_line_per_check(capsys, healthy: Emulator) -> None:
+def test_text_output_one_line_per_check(capsys, healthy: Emulator, monkeypatch) -> None:
+    monkeypatch.setenv("KEEPER_ADMIN_KEY_PASSWORD", "pw-never-printed")
     code = main(
         [
             "doctor",
@@ -113,6 +114,7 @@ def test_text_output_one_line_per_check(capsys, healthy: Emulator) -> None:
     assert not any(line.startswith("✗") for line in out)
     # Nothing secret: no private-key material, no key password.
     assert "PRIVATE KEY" not in "\n".join(out)
+    assert "pw-never-printed" not in "\n".join(out)
 
 
 def _free_port() -> int:

@@ -21,6 +21,8 @@ from keeper_task.probe.task import CLIENT_ID_CANDIDATES
 
 pytestmark = pytest.mark.slow
 
+SECRET = "s3cret-value-never-shown"
+
 CONFIGS = {
     "defaults": AgentBehaviour(),
     "job-id-only, 403 window, env context, SIGTERM": AgentBehaviour(
@@ -79,7 +81,8 @@ def probe(agent: Emulator, tmp_path: Path, capsys, *extra: str) -> dict:
 @pytest.mark.parametrize("label", list(CONFIGS))
 def test_probe_reports_the_configured_behaviour(label: str, tmp_path: Path, capsys) -> None:
     behaviour = CONFIGS[label]
-    with Emulator(behaviour=behaviour) as agent:
+    secrets = {"KEEPER_API_TOKEN": SECRET, "DB_PASSWORD": SECRET, "KEEPER_TASK_MODE": "fast"}
+    with Emulator(behaviour=behaviour, task_env=secrets) as agent:
         report = probe(agent, tmp_path, capsys)
         # The probe jobs were removed again (no --keep).
         assert agent.job(MAIN_JOB_ID) is None
@@ -89,6 +92,11 @@ def test_probe_reports_the_configured_behaviour(label: str, tmp_path: Path, caps
     assert report["kind"] == "keeper-task-probe-report"
     assert report["process"]["apiBaseArgument"] == base_url
     assert report["environment"]["keeperValues"]["KEEPER_JOB_ID"] == MAIN_JOB_ID
+    # Names only for what may be secret: the names are there, the values nowhere.
+    names = report["environment"]["names"]
+    assert {"KEEPER_API_TOKEN", "DB_PASSWORD"} <= set(names)
+    assert report["environment"]["keeperValues"]["KEEPER_TASK_MODE"] == "fast"
+    assert SECRET not in json.dumps(report)
 
     # Client ids: exactly the enforced format is accepted (all of them without a rule).
     accepted = [c["template"] for c in report["mqtt"]["clientIds"] if c["accepted"]]

@@ -97,18 +97,26 @@ def _user() -> str | None:
 
 
 def _read_stdin(timeout: float) -> str:
-    """Whatever arrives on stdin within ``timeout`` seconds (nothing from a terminal)."""
+    """Whatever arrives on stdin within ``timeout`` seconds (nothing from a terminal).
+
+    Reads what is available (``os.read``), so data written to a pipe the agent keeps open is
+    seen too, not only data followed by end of file.
+    """
     stream = sys.stdin
     if stream is None or stream.closed:
         return ""
-    with contextlib.suppress(Exception):
+    try:
         if stream.isatty():
             return ""
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return ""
     chunks: list[bytes] = []
 
     def read() -> None:
-        with contextlib.suppress(Exception):
-            chunks.append(stream.buffer.read(65536))
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
