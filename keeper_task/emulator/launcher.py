@@ -11,7 +11,9 @@ For each task, in order:
    slash), then the string is split like a POSIX shell would. The agent's placeholder syntax
    for job ``parameters`` and the way trigger context reaches a task are undocumented, so the
    emulator substitutes neither: any other ``{Token}`` left in the arguments is reported as a
-   notice, and the trigger context is only recorded on the :class:`JobRun`.
+   notice, and by default the trigger context is only recorded on the :class:`JobRun`
+   (an :class:`~keeper_task.emulator.behaviour.AgentBehaviour` can pass it as an argument,
+   a variable, stdin or a file).
 3. **Environment**: the emulator's own, minus ``KEEPER_JOB_ID``/``KEEPER_JOB_NAME``/
    ``KEEPER_API_BASE``; ``KEEPER_JOB_ID``/``KEEPER_JOB_NAME`` are set only when the job declares
    at least one ``mqttTopics`` entry, as the agent does. ``PYTHONUNBUFFERED=1`` is added so a
@@ -20,8 +22,9 @@ For each task, in order:
 4. **Trust**: the PID is registered in the launched-process registry right after the spawn
    (after ``register_delay`` seconds, when set).
 5. **Timeout**: past ``timeoutSeconds`` the whole process tree is terminated, then killed
-   after ``kill_grace`` seconds (the agent's termination behaviour is undocumented); the task
-   counts as failed with exit code 124.
+   after ``kill_grace`` seconds, or killed at once when the behaviour says no signal comes
+   first (the agent's termination behaviour is undocumented); the task counts as failed with
+   exit code 124.
 6. **Failure**: a non-zero exit, a timeout or a binary that cannot start stops the job unless
    the task has ``continueOnFailure: true``.
 
