@@ -47,7 +47,7 @@ from keeper_task.exit_codes import ExitCode
 from keeper_task.log_schema import KeeperLogSchema
 from keeper_task.logging import LogPipeline, configure_logging, defer_until_safe
 from keeper_task.mqtt import MqttClient, build_client_id
-from keeper_task.settings import TaskSettings, parse_settings
+from keeper_task.settings import TaskSettings, parse_settings, program_name
 from keeper_task.signals import Canceller, SignalHandlers, defer_stop, stop_boundary
 from keeper_task.tls import client_ssl_context, is_loopback_host
 
@@ -303,7 +303,9 @@ class _Run:
             base,
             ssl_context=ssl_context,
             timeout=settings.http_timeout,
-            retry=RetryPolicy(budget=settings.trust_timeout),
+            retry=RetryPolicy(
+                budget=settings.trust_timeout, refused_budget=settings.connect_retry_timeout
+            ),
             logger=self.log,
         )
         merged = self.plugin_client.get_all(settings.settings_plugin)
@@ -643,10 +645,7 @@ def _first_line(doc: str | None) -> str | None:
 
 
 def _program_name() -> str:
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "task"
-    for suffix in (".py", ".exe"):
-        name = name.removesuffix(suffix)
-    return name or "task"
+    return program_name()  # as invoked: the frozen binary, `python -m pkg`, `python task.py`
 
 
 def _host_of(url: str) -> str:
