@@ -10,6 +10,9 @@ Sources, lowest to highest priority: field defaults, environment, command line.
   ``KEEPER_TASK_SOME_FIELD`` in the environment. A ``bool`` field is ``--flag`` / ``--no-flag``.
 
 Authors add their own options by subclassing :class:`TaskSettings`.
+
+Every number has a documented range (see the README's settings table); a value outside it,
+``nan`` or ``inf`` is refused with exit 78, naming the option and the range, never the value.
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
@@ -31,21 +42,45 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 from keeper_task.errors import SettingsError, UsageError
 from keeper_task.tls import is_loopback_host
 
-__all__ = ["TaskSettings", "normalize_api_base", "parse_settings"]
+__all__ = [
+    "TaskSettings",
+    "normalize_api_base",
+    "parse_settings",
+    "plain_text",
+    "program_name",
+    "secret_field_names",
+]
 
 S = TypeVar("S", bound="TaskSettings")
 
 #: The plugin name whose merged settings hold ``broker.host`` / ``broker.port``.
 AGENT_PLUGIN_NAME = "KeeperPrivilegeManager"
 
+#: Upper bound of ``--deadline``: 30 days (a timer cannot be armed for much longer anyway).
+MAX_DEADLINE = 30 * 86_400
+
+#: Options a run cannot start without, though the model allows them unset (for tests).
+REQUIRED_OPTIONS = ("keeper_api_base",)
+
 
 class TaskSettings(BaseSettings):
     """Settings every task has; subclass it to add your own fields.
 
+    Secret fields (tokens, passwords) are never shown by ``repr()``/``str()`` of the
+    settings, in ``--help`` defaults, or in log output. Mark one in any of three ways:
+
+    * type it ``pydantic.SecretStr`` (read it with ``.get_secret_value()``);
+    * declare it with ``Field(repr=False)``;
+    * list its name in the ``secret_fields`` class attribute.
+
+    :func:`secret_field_names` returns the names marked either way.
+
     Example:
+        >>> from pydantic import SecretStr
         >>> class InventorySettings(TaskSettings):
         ...     dry_run: bool = False
         ...     max_items: int = 10
+        ...     api_token: SecretStr | None = None  # hidden everywhere
     """
 
     model_config = SettingsConfigDict(
@@ -54,8 +89,34 @@ class TaskSettings(BaseSettings):
         validate_default=True,
     )
 
-    #: Names of fields that are never shown as a value in a message.
+    #: Names of fields that are never shown as a value (besides ``SecretStr`` and
+    #: ``Field(repr=False)`` fields): see :func:`secret_field_names`.
     secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unknown = sorted(set(cls.secret_fields) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.secret_fields names {', '.join(unknown)}, which "
+                f"{'is not a field' if len(unknown) == 1 else 'are not fields'}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._shown())})"
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v!r}" for k, v in self._shown())
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        yield from self._shown()
+
+    def _shown(self) -> Iterator[tuple[str, Any]]:
+        hidden = secret_field_names(type(self))
+        for name, value in self:
+            if name not in hidden:
+                yield name, value
 
     allow_remote_api: bool = Field(
         default=False,
@@ -88,10 +149,26 @@ class TaskSettings(BaseSettings):
     trust_timeout: float = Field(
         default=30.0,
         ge=0,
+        le=86_400,
+        allow_inf_nan=False,
         description="Seconds to keep retrying 403 (startup registration window), 5xx and "
-        "refused connections.",
+        "timeouts; 0 makes one attempt.",
     )
-    http_timeout: float = Field(default=5.0, gt=0, description="Seconds per HTTPS request.")
+    connect_retry_timeout: float = Field(
+        default=3.0,
+        ge=0,
+        le=3_600,
+        allow_inf_nan=False,
+        description="Seconds to keep retrying a refused connection (nothing listens: a wrong "
+        "port or no agent); at most --trust-timeout.",
+    )
+    http_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=3_600,
+        allow_inf_nan=False,
+        description="Seconds one HTTPS request may take in all: connect, TLS, headers, body.",
+    )
     mqtt: bool = Field(
         default=True,
         description="Connect to the agent's broker (off: logs go to stderr only).",
@@ -107,15 +184,25 @@ class TaskSettings(BaseSettings):
         "reads the job id from the first '_'-separated segment.",
     )
     mqtt_keepalive: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive (s).")
-    mqtt_connect_timeout: float = Field(default=10.0, gt=0, description="MQTT connect timeout.")
+    mqtt_connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=3_600,
+        allow_inf_nan=False,
+        description="Seconds to wait for the broker to accept the connection.",
+    )
     mqtt_flush_timeout: float = Field(
         default=5.0,
         ge=0,
+        le=3_600,
+        allow_inf_nan=False,
         description="Seconds to wait on exit for unacknowledged QoS 1 messages.",
     )
     deadline: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_DEADLINE,
+        allow_inf_nan=False,
         description="End run() after this many seconds (set it below the job's timeoutSeconds).",
     )
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical"] = Field(
@@ -189,7 +276,50 @@ def normalize_api_base(url: str, *, allow_remote: bool = False) -> str:
     return f"https://{parts.netloc}{path}"
 
 
+def secret_field_names(settings_cls: type[BaseSettings] | BaseSettings) -> frozenset[str]:
+    """Names of the secret fields of a settings class (or instance).
+
+    A field is secret when its type is ``SecretStr``/``SecretBytes`` (also inside
+    ``Optional``), when it is declared with ``Field(repr=False)``, or when its name is in
+    the class's ``secret_fields``.
+    """
+    cls = settings_cls if isinstance(settings_cls, type) else type(settings_cls)
+    listed = set(getattr(cls, "secret_fields", ()))
+    return frozenset(
+        name
+        for name, field in cls.model_fields.items()
+        if name in listed or not field.repr or _is_secret_type(field.annotation)
+    )
+
+
+def _is_secret_type(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, (SecretStr, SecretBytes)):
+        return True
+    return any(_is_secret_type(arg) for arg in typing.get_args(annotation))
+
+
 # --- command line -------------------------------------------------------------------------
+
+
+def program_name() -> str:
+    """The command as it was invoked, for ``--help`` and error lines.
+
+    * a frozen binary (PyInstaller): the binary's own name (what the job's command runs),
+      without ``.exe``;
+    * ``python -m pkg``: ``python -m pkg`` (what argparse itself shows from Python 3.14);
+    * a script: ``python script.py``, because ``script`` alone is not a command;
+    * an installed launcher (console script): its name.
+    """
+    python = Path(sys.executable).name.removesuffix(".exe") or "python"
+    if getattr(sys, "frozen", False):
+        return Path(sys.executable).name.removesuffix(".exe")
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"{python} -m {spec.name.removesuffix('.__main__')}"
+    arg0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if arg0.endswith((".py", ".pyw", ".pyz")):
+        return f"{python} {arg0}"
+    return arg0.removesuffix(".exe") or python
 
 
 class _Parser(argparse.ArgumentParser):
@@ -249,60 +379,123 @@ def build_parser(
 ) -> _Parser:
     """Build the argument parser for ``settings_cls`` (one option per field).
 
-    Each option's help names its environment variable and its default.
+    Required options come first and are marked; then the task's own options, then
+    keeper-task's. Each option's help names its environment variable and its default (never
+    a secret field's), in plain text (reStructuredText markup is removed).
     """
+    fields = settings_cls.model_fields
+    required = [n for n, f in fields.items() if _is_required(n, f)]
+    usage = " ".join(
+        ["%(prog)s", *(f"{_cli_flag(n)} {_option_metavar(n, fields[n])}" for n in required)]
+    )
     parser = _Parser(
-        prog=prog,
-        usage="%(prog)s [options]",
-        description=description,
+        prog=prog or program_name(),
+        usage=f"{usage} [options]",
+        description=plain_text(description) if description else None,
         allow_abbrev=False,
         add_help=True,
     )
-    own = parser.add_argument_group("task options")
-    framework = parser.add_argument_group("keeper-task options")
-    for name, field in settings_cls.model_fields.items():
-        flag = _cli_flag(name)
-        help_text = _help_text(settings_cls, name, field)
-        section = framework if name in TaskSettings.model_fields else own
-        if _is_bool(field.annotation):
-            help_text = help_text.replace(" [env", f" (off: --no-{flag[2:]}) [env", 1)
-            group = section.add_mutually_exclusive_group()
-            group.add_argument(
-                flag, dest=name, action="store_const", const=True, default=None, help=help_text
-            )
-            group.add_argument(
-                "--no-" + flag[2:],
-                dest=name,
-                action="store_const",
-                const=False,
-                default=None,
-                help=argparse.SUPPRESS,
-            )
-        elif _is_list(field.annotation):
-            section.add_argument(
-                flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text
-            )
+    sections = {
+        "required": parser.add_argument_group("required options"),
+        "own": parser.add_argument_group("task options"),
+        "framework": parser.add_argument_group("keeper-task options"),
+    }
+    for field_name, field in settings_cls.model_fields.items():
+        if field_name in required:
+            section = sections["required"]
+        elif field_name in TaskSettings.model_fields:
+            section = sections["framework"]
         else:
-            section.add_argument(
-                flag, dest=name, default=None, metavar=_metavar(field.annotation), help=help_text
-            )
+            section = sections["own"]
+        _add_option(section, settings_cls, field_name, field, field_name in required)
     return parser
 
 
+def _is_required(name: str, field: Any) -> bool:
+    return name in REQUIRED_OPTIONS or bool(field.is_required())
+
+
+def _add_option(
+    section: Any, settings_cls: type[TaskSettings], name: str, field: Any, required: bool
+) -> None:
+    flag = _cli_flag(name)
+    help_text = _help_text(settings_cls, name, field)
+    if required:
+        help_text = f"(required) {help_text}"
+    if _is_bool(field.annotation):
+        help_text = help_text.replace(" [env", f" (off: --no-{flag[2:]}) [env", 1)
+        group = section.add_mutually_exclusive_group()
+        group.add_argument(
+            flag, dest=name, action="store_const", const=True, default=None, help=help_text
+        )
+        group.add_argument(
+            "--no-" + flag[2:],
+            dest=name,
+            action="store_const",
+            const=False,
+            default=None,
+            help=argparse.SUPPRESS,
+        )
+    elif _is_list(field.annotation):
+        section.add_argument(
+            flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text
+        )
+    else:
+        metavar = _option_metavar(name, field)
+        section.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
+
+
+def _option_metavar(name: str, field: Any) -> str:
+    return "URL" if name == "keeper_api_base" else _metavar(field.annotation)
+
+
 def _help_text(settings_cls: type[TaskSettings], name: str, field: Any) -> str:
-    parts = [field.description or ""]
+    parts = [plain_text(field.description or "")]
     extra = [f"env {_env_name(settings_cls, name)}"]
     default = None if field.default_factory is not None else field.default
     if (
         default is not None
         and default is not PydanticUndefined
-        and name not in settings_cls.secret_fields
+        and name not in secret_field_names(settings_cls)
     ):
         shown = str(default).lower() if isinstance(default, bool) else str(default)
         extra.append(f"default {shown}")
+    limits = _range_text(field)
+    if limits:
+        extra.append(limits)
     parts.append(f"[{'; '.join(extra)}]")
     # argparse %-formats help strings.
     return " ".join(p for p in parts if p).replace("%", "%%")
+
+
+# reStructuredText a docstring may hold besides roles: ``code``, `text <url>`_ links,
+# **strong** and *emphasis*.
+_RST_ROLE = re.compile(r":[\w:.-]+:`(~?)([^`]*)`")
+_RST = (
+    (re.compile(r"``([^`]+)``"), r"\1"),
+    (re.compile(r"`([^`<]+?)\s*<[^>]+>`_{1,2}"), r"\1"),
+    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),
+    (re.compile(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])"), r"\1"),
+)
+
+
+def plain_text(text: str) -> str:
+    """Return ``text`` without reStructuredText markup, for ``--help``.
+
+    ``:class:`~pkg.Name``` becomes ``Name``, ``:func:`pkg.f``` ``pkg.f``, ``:ref:`Title
+    <target>``` ``Title``; double back-quotes, links and emphasis lose their markup.
+    """
+    text = _RST_ROLE.sub(_role_text, text)
+    for pattern, replacement in _RST:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _role_text(match: re.Match[str]) -> str:
+    tilde, target = match.group(1), match.group(2)
+    if target.endswith(">") and "<" in target:
+        return target[: target.index("<")].strip()
+    return target.rsplit(".", 1)[-1] if tilde else target
 
 
 def _metavar(annotation: Any) -> str:
@@ -330,12 +523,14 @@ def parse_settings(
     Args:
         settings_cls: The task's settings class.
         argv: Arguments without the program name; ``None`` means ``sys.argv[1:]``.
-        prog: Program name for usage messages.
+        prog: Program name for usage messages; default :func:`program_name`.
         description: First line of ``--help``.
 
     Raises:
-        UsageError: Unknown option or missing value (``--help`` raises ``SystemExit(0)``).
-        SettingsError: A value is invalid; the message names the option and its variable.
+        UsageError: Unknown option, missing value, or a required option missing (exit 64;
+            ``--help`` raises ``SystemExit(0)``).
+        SettingsError: A value is invalid; the message names the option, its variable and,
+            for a number, its range (exit 78).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(settings_cls, prog=prog, description=description)
@@ -344,13 +539,35 @@ def parse_settings(
         raise UsageError(f"{_unrecognized(extra)} (see --help)")
     given = {k: v for k, v in vars(namespace).items() if v is not None}
     try:
-        return settings_cls(**given)
+        settings = settings_cls(**given)
     except ValidationError as exc:
+        missing = _missing(settings_cls, exc)
+        if missing is not None:
+            raise UsageError(missing) from exc
         raise SettingsError(_describe(settings_cls, exc)) from exc
     except PydanticSettingsError as exc:
         # A settings source failed before validation: an environment value of a list/dict
         # field that is not JSON. pydantic-settings names the field, never the value.
         raise SettingsError(_describe_source_error(settings_cls, exc)) from exc
+    if settings.keeper_api_base is None:
+        raise UsageError(_MISSING_API_BASE)
+    return settings
+
+
+_MISSING_API_BASE = (
+    "missing --keeper-api-base: add `--keeper-api-base={KeeperApiBaseUrl}` to the job task's "
+    "arguments (or set KEEPER_API_BASE when running by hand)"
+)
+
+
+def _missing(settings_cls: type[TaskSettings], exc: ValidationError) -> str | None:
+    """The usage error for required options that were not given, if that is all that's wrong."""
+    errors = exc.errors(include_input=False, include_url=False)
+    names = [str(e["loc"][0]) for e in errors if e.get("type") == "missing" and e.get("loc")]
+    if not names or len(names) != len(errors):
+        return None
+    options = ", ".join(f"{_cli_flag(n)} (env {_env_name(settings_cls, n)})" for n in names)
+    return f"missing required option {options} (see --help)"
 
 
 def _env_name(settings_cls: type[TaskSettings], name: str) -> str:
@@ -361,22 +578,68 @@ def _env_name(settings_cls: type[TaskSettings], name: str) -> str:
     return (prefix + name).upper()
 
 
+#: pydantic error types that mean "not a number in the field's range".
+_RANGE_ERRORS = frozenset(
+    {
+        "finite_number",
+        "float_parsing",
+        "float_type",
+        "int_parsing",
+        "int_type",
+        "int_from_float",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+    }
+)
+
+
+def _range_text(field: Any) -> str | None:
+    """``"range 0 < N <= 3600"`` from a field's numeric bounds, or None if it has none."""
+    # pydantic keeps Field(gt=..., le=...) as annotated-types objects in ``metadata``;
+    # read them by their public attribute names rather than import that package.
+    bounds: dict[str, Any] = {}
+    for item in field.metadata:
+        for key in ("gt", "ge", "lt", "le"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    low = f"{bounds['gt']} < " if "gt" in bounds else ""
+    low = f"{bounds['ge']} <= " if "ge" in bounds else low
+    high = f" < {bounds['lt']}" if "lt" in bounds else ""
+    high = f" <= {bounds['le']}" if "le" in bounds else high
+    if not (low or high):
+        return None
+    return f"range {low}N{high}"
+
+
+def _problem(settings_cls: type[TaskSettings], err: Any) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if isinstance(p, str)]
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:
+        return msg
+    name = loc[0]
+    field = settings_cls.model_fields.get(name)
+    if field is None:
+        return f"unexpected setting {name!r}: {msg}"
+    where = f"{_cli_flag(name)} (env {_env_name(settings_cls, name)})"
+    limits = _range_text(field)
+    if limits is not None and err.get("type") in _RANGE_ERRORS:
+        kind = "an integer" if _base_type(field.annotation) is int else "a finite number"
+        msg = f"must be {kind} in the {limits}"
+    return f"{where}: {msg}"
+
+
+def _base_type(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
 def _describe(settings_cls: type[TaskSettings], exc: ValidationError) -> str:
-    """One line per the first problem: which option, which variable, what is wrong."""
-    problems: list[str] = []
-    for err in exc.errors(include_input=False, include_url=False):
-        loc = [str(p) for p in err.get("loc", ()) if isinstance(p, str)]
-        msg = err.get("msg", "invalid value")
-        msg = msg.removeprefix("Value error, ")
-        if loc:
-            name = loc[0]
-            if name in settings_cls.model_fields:
-                where = f"{_cli_flag(name)} (env {_env_name(settings_cls, name)})"
-            else:
-                where = f"unexpected setting {name!r}"
-            problems.append(f"{where}: {msg}")
-        else:
-            problems.append(msg)
+    """One line for the first problem: which option, which variable, what is wrong."""
+    problems = [
+        _problem(settings_cls, e) for e in exc.errors(include_input=False, include_url=False)
+    ]
     first = problems[0] if problems else str(exc)
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"invalid setting {first}{more}"
@@ -392,8 +655,3 @@ def _describe_source_error(settings_cls: type[TaskSettings], exc: Exception) -> 
         "environment value is not valid JSON; list and dict fields take JSON there, "
         'e.g. \'["a", "b"]\''
     )
-
-
-def settings_summary(settings: TaskSettings) -> Mapping[str, object]:
-    """Which fields were set, never their values (values may be secret)."""
-    return {"fields_set": sorted(settings.model_fields_set)}

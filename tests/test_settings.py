@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
+from pydantic import Field, SecretStr
 
 from keeper_task import ExitCode, SettingsError, TaskSettings, UsageError
-from keeper_task.settings import normalize_api_base, parse_settings
+from keeper_task.settings import (
+    normalize_api_base,
+    parse_settings,
+    plain_text,
+    program_name,
+    secret_field_names,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "--keeper-api-base=https://127.0.0.1:6889"
 
 
 class InventorySettings(TaskSettings):
@@ -81,7 +97,7 @@ def test_job_identity_comes_from_the_agents_environment(monkeypatch: pytest.Monk
     """KEEPER_JOB_ID / KEEPER_JOB_NAME (set by the agent) fill the job identity."""
     monkeypatch.setenv("KEEPER_JOB_ID", "disk-usage")
     monkeypatch.setenv("KEEPER_JOB_NAME", "Disk usage")
-    s = parse_settings(TaskSettings, [])
+    s = parse_settings(TaskSettings, [BASE])
     assert (s.keeper_job_id, s.keeper_job_name) == ("disk-usage", "Disk usage")
 
 
@@ -89,16 +105,16 @@ def test_job_id_with_underscore_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     """A job id with '_' would name another job on the broker: refused, never rewritten."""
     monkeypatch.setenv("KEEPER_JOB_ID", "disk_usage")
     with pytest.raises(SettingsError, match=r"KEEPER_JOB_ID.*contains '_'"):
-        parse_settings(TaskSettings, [])
+        parse_settings(TaskSettings, [BASE])
 
 
 def test_author_fields_from_arguments() -> None:
     """Author fields become options: bool flags, --no- negation, ints, repeated lists."""
     s = parse_settings(
-        InventorySettings, ["--dry-run", "--max-items", "3", "--tags", "a", "--tags=b"]
+        InventorySettings, [BASE, "--dry-run", "--max-items", "3", "--tags", "a", "--tags=b"]
     )
     assert (s.dry_run, s.max_items, s.tags) == (True, 3, ["a", "b"])
-    assert parse_settings(InventorySettings, ["--no-dry-run"]).dry_run is False
+    assert parse_settings(InventorySettings, [BASE, "--no-dry-run"]).dry_run is False
 
 
 def test_every_setting_has_an_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,7 +131,7 @@ def test_every_setting_has_an_env_override(monkeypatch: pytest.MonkeyPatch) -> N
 def test_arguments_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The command line has the highest priority."""
     monkeypatch.setenv("KEEPER_TASK_MAX_ITEMS", "7")
-    assert parse_settings(InventorySettings, ["--max-items=9"]).max_items == 9
+    assert parse_settings(InventorySettings, [BASE, "--max-items=9"]).max_items == 9
 
 
 @pytest.mark.parametrize(
@@ -132,7 +148,7 @@ def test_bad_arguments_are_a_usage_error(argv: list[str]) -> None:
 def test_invalid_value_names_option_and_variable_without_echoing_it() -> None:
     """A bad value names --option and its variable, and never echoes the value."""
     with pytest.raises(SettingsError) as info:
-        parse_settings(InventorySettings, ["--max-items", "s3cr3t"])
+        parse_settings(InventorySettings, [BASE, "--max-items", "s3cr3t"])
     message = str(info.value)
     assert "--max-items" in message
     assert "KEEPER_TASK_MAX_ITEMS" in message
@@ -173,7 +189,7 @@ def test_non_json_env_value_of_a_list_field_is_a_settings_error(
     """KEEPER_TASK_TAGS that is not JSON: one line naming option and variable (exit 78)."""
     monkeypatch.setenv("KEEPER_TASK_TAGS", "s3cr3t,b")
     with pytest.raises(SettingsError) as info:
-        parse_settings(InventorySettings, [])
+        parse_settings(InventorySettings, [BASE])
     message = str(info.value)
     assert "--tags (env KEEPER_TASK_TAGS)" in message
     assert "JSON" in message
@@ -211,3 +227,235 @@ def test_help_names_env_and_default_and_groups_the_authors_options(
     assert "[env KEEPER_TASK_API_TOKEN]" in out
     assert "dev-token-123" not in out
     assert "(off: --no-mqtt)" in out
+
+
+# --- required options, ranges --------------------------------------------------------------
+
+
+def test_missing_api_base_is_a_usage_error_before_anything_starts() -> None:
+    """Without --keeper-api-base (or KEEPER_API_BASE) the parser stops: exit 64, one line."""
+    with pytest.raises(UsageError) as info:
+        parse_settings(TaskSettings, [])
+    assert info.value.exit_code == ExitCode.USAGE == 64
+    assert "missing --keeper-api-base" in str(info.value)
+    assert "{KeeperApiBaseUrl}" in str(info.value)
+
+
+class _NeedsTarget(TaskSettings):
+    target: str
+
+
+def test_missing_required_author_option_is_a_usage_error() -> None:
+    """An author field without a default is a required option: missing means exit 64."""
+    with pytest.raises(UsageError) as info:
+        parse_settings(_NeedsTarget, [BASE])
+    assert str(info.value) == (
+        "missing required option --target (env KEEPER_TASK_TARGET) (see --help)"
+    )
+    assert parse_settings(_NeedsTarget, [BASE, "--target", "x"]).target == "x"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "limits"),
+    [
+        ("--http-timeout", "1e10", "range 0 < N <= 3600"),
+        ("--http-timeout", "nan", "range 0 < N <= 3600"),
+        ("--http-timeout", "inf", "range 0 < N <= 3600"),
+        ("--http-timeout", "0", "range 0 < N <= 3600"),
+        ("--http-timeout", "-1", "range 0 < N <= 3600"),
+        ("--mqtt-connect-timeout", "1e10", "range 0 < N <= 3600"),
+        ("--mqtt-flush-timeout", "1e20", "range 0 <= N <= 3600"),
+        ("--mqtt-flush-timeout", "-inf", "range 0 <= N <= 3600"),
+        ("--trust-timeout", "-0.5", "range 0 <= N <= 86400"),
+        ("--trust-timeout", "1e400", "range 0 <= N <= 86400"),
+        ("--connect-retry-timeout", "nan", "range 0 <= N <= 3600"),
+        ("--deadline", "0", "range 0 < N <= 2592000"),
+        ("--deadline", "1e10", "range 0 < N <= 2592000"),
+        ("--mqtt-keepalive", "4", "range 5 <= N <= 65535"),
+        ("--mqtt-keepalive", "1e3", "range 5 <= N <= 65535"),
+    ],
+)
+def test_numbers_out_of_range_exit_78_naming_option_and_range(
+    option: str, value: str, limits: str
+) -> None:
+    """Every duration and count has a range: outside it (or nan/inf) is one line naming the
+    option, its variable and the range, never the value (exit 78, not a crash later)."""
+    with pytest.raises(SettingsError) as info:
+        parse_settings(TaskSettings, [BASE, f"{option}={value}"])
+    message = str(info.value)
+    env = "KEEPER_TASK_" + option[2:].replace("-", "_").upper()
+    kind = "an integer" if option == "--mqtt-keepalive" else "a finite number"
+    assert message == f"invalid setting {option} (env {env}): must be {kind} in the {limits}"
+    assert info.value.exit_code == ExitCode.BAD_SETTINGS == 78
+
+
+def test_range_applies_to_the_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEEPER_TASK_HTTP_TIMEOUT=1e10 is refused like the option."""
+    monkeypatch.setenv("KEEPER_TASK_HTTP_TIMEOUT", "1e10")
+    with pytest.raises(SettingsError, match=r"--http-timeout .*range 0 < N <= 3600"):
+        parse_settings(TaskSettings, [BASE])
+
+
+def test_range_edges_are_accepted() -> None:
+    """The documented bounds themselves are valid values."""
+    s = parse_settings(
+        TaskSettings,
+        [
+            BASE,
+            "--trust-timeout=0",
+            "--connect-retry-timeout=3600",
+            "--http-timeout=3600",
+            "--mqtt-flush-timeout=0",
+            "--mqtt-keepalive=65535",
+            "--deadline=2592000",
+        ],
+    )
+    assert (s.trust_timeout, s.http_timeout, s.mqtt_keepalive) == (0, 3600, 65535)
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+class _Secrets(TaskSettings):
+    secret_fields = frozenset({"listed"})
+    token: SecretStr = SecretStr("tok-AAA")
+    hidden: str = Field(default="hid-BBB", repr=False)
+    listed: str = "lst-CCC"
+    shown: str = "visible-DDD"
+
+
+def test_secret_fields_never_appear_in_repr_or_str() -> None:
+    """SecretStr, Field(repr=False) and secret_fields: none shows in repr()/str()."""
+    s = parse_settings(_Secrets, [BASE])
+    for text in (repr(s), str(s), f"{s!r} {s}"):
+        assert "visible-DDD" in text
+        for secret in ("tok-AAA", "hid-BBB", "lst-CCC"):
+            assert secret not in text
+    assert secret_field_names(_Secrets) == {"token", "hidden", "listed"}
+    assert secret_field_names(s) == {"token", "hidden", "listed"}
+    assert s.token.get_secret_value() == "tok-AAA"
+
+
+def test_secret_fields_naming_no_field_is_refused_at_class_creation() -> None:
+    """A typo in secret_fields would leave the real field unprotected: refused at once."""
+    with pytest.raises(TypeError, match="api_tokn"):
+
+        class _Typo(TaskSettings):
+            secret_fields = frozenset({"api_tokn"})
+            api_token: str = "x"
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+
+def test_help_marks_required_options_first_and_shows_plain_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--help: usage names the required option, the required group comes first and marks it,
+    and reStructuredText markup in descriptions is gone."""
+
+    class _Documented(TaskSettings):
+        level: int = Field(default=1, description="Level for ``scan`` (see :class:`~a.b.Scan`).")
+
+    with pytest.raises(SystemExit) as info:
+        parse_settings(
+            _Documented,
+            ["--help"],
+            prog="demo",
+            description="Scans with :func:`do_scan` and ``--fast``.",
+        )
+    assert info.value.code == 0
+    raw = capsys.readouterr().out
+    out = " ".join(raw.split())
+    assert raw.startswith("usage: demo --keeper-api-base URL [options]")
+    assert out.index("required options:") < out.index("task options:")
+    assert out.index("task options:") < out.index("keeper-task options:")
+    assert "--keeper-api-base URL (required) The agent's HTTPS API base URL" in out
+    assert "Scans with do_scan and --fast." in out
+    assert "Level for scan (see Scan)." in out
+    assert "``" not in raw and ":class:" not in raw and ":func:" not in raw
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        ("``x``", "x"),
+        (":class:`~keeper_task.TaskSettings`", "TaskSettings"),
+        (":func:`keeper_task.settings.parse_settings`", "keeper_task.settings.parse_settings"),
+        (":ref:`the table <exit-codes>`", "the table"),
+        ("`docs <https://example.com>`_", "docs"),
+        ("**bold** and *em*", "bold and em"),
+        ("a * b * c", "a * b * c"),
+    ],
+)
+def test_plain_text_removes_restructuredtext(text: str, plain: str) -> None:
+    """Roles, literals, links and emphasis lose their markup; plain asterisks stay."""
+    assert plain_text(text) == plain
+
+
+def test_frozen_binary_is_named_after_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PyInstaller binary's name is the binary's own (without .exe), whatever argv[0] is."""
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "executable", str(Path("C:/Jobs/bin/DemoTask/DemoTask.exe")))
+    monkeypatch.setattr(sys, "argv", ["DemoTask"])
+    assert program_name() == "DemoTask"
+
+
+_HELP_PROBE = """
+from keeper_task import Task, TaskContext
+
+
+class Probe(Task):
+    \"\"\"Probe the ``thing`` (see :class:`~x.Thing`).\"\"\"
+
+    def run(self, ctx: TaskContext) -> None:
+        pass
+
+
+Probe.main()
+"""
+
+
+def _run_probe(tmp_path: Path, argv: list[str], stdin_env: dict[str, str] | None = None):
+    pkg = tmp_path / "probe_pkg"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(textwrap.dedent(_HELP_PROBE))
+    (tmp_path / "probe.py").write_text(textwrap.dedent(_HELP_PROBE))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    env["KEEPER_TASK_LOG_FORMAT"] = "json"
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_help_names_the_command_as_invoked(tmp_path: Path) -> None:
+    """`python -m pkg --help` says `python -m pkg`; `python probe.py --help` says so too."""
+    python = Path(sys.executable).name
+    as_module = _run_probe(tmp_path, ["-m", "probe_pkg", "--help"])
+    as_script = _run_probe(tmp_path, ["probe.py", "--help"])
+    assert as_module.returncode == as_script.returncode == 0
+    assert as_module.stdout.startswith(f"usage: {python} -m probe_pkg --keeper-api-base URL")
+    assert as_script.stdout.startswith(f"usage: {python} probe.py --keeper-api-base URL")
+    assert "Probe the thing (see Thing)." in as_script.stdout
+
+
+def test_parser_usage_errors_are_one_plain_line_exit_64(tmp_path: Path) -> None:
+    """A missing --keeper-api-base and an unknown option: `prog: error: ...`, one plain line
+    (not a JSON log record, though stderr is a pipe), exit 64."""
+    python = Path(sys.executable).name
+    missing = _run_probe(tmp_path, ["probe.py"])
+    bogus = _run_probe(tmp_path, ["probe.py", BASE, "--bogus"])
+    for proc in (missing, bogus):
+        assert proc.returncode == ExitCode.USAGE
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"{python} probe.py: error: ")
+    assert "missing --keeper-api-base" in missing.stderr
+    assert "unrecognized arguments: --bogus" in bogus.stderr
