@@ -8,8 +8,12 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keeper_task.cli import main
 from tests.support import jobs as support_jobs
@@ -780,3 +784,149 @@ def test_reload_shows_the_agents_message_and_skipped_files(
         "the agent reloaded its job definitions from disk (Reloaded 1 job(s))",
         "agent: warning: Jobs/bad.json:2:1: malformed JSON",
     ]
+
+
+# -- hostile option values and wrong services ------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "0", "inf", "-inf", "1e10", "abc", ""])
+def test_bad_timeout_is_one_line_exit_64_and_json_error(
+    capsys: pytest.CaptureFixture[str], closed_url: str, value: str
+) -> None:
+    """--timeout outside (0, 86400] or not a number: one plain line, exit 64, nothing sent;
+    with --json a JSON error object on stdout."""
+    code, out, err = run(capsys, "job", "list", "--url", closed_url, f"--timeout={value}")
+    assert (code, out) == (64, "")
+    assert err.startswith(f"keeper-task: error: --timeout {value!r} ") and err.count("\n") == 1
+    code, out, err = run(capsys, "job", "list", "--json", "--url", closed_url, f"--timeout={value}")
+    assert code == 64 and err.count("\n") == 1
+    assert json.loads(out) == {"ok": False, "error": err.strip()[20:], "exitCode": 64}
+
+
+def test_url_at_the_emulators_mqtt_broker_says_so_exit_69(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--url at the broker port `dev agent` prints: "an MQTT broker over TLS", exit 69, not
+    the client-certificate diagnosis (77)."""
+    from keeper_task.emulator import Emulator
+
+    with Emulator() as emu:
+        assert emu.broker is not None
+        url = f"https://127.0.0.1:{emu.broker.port}"
+        cert = ["--cert", str(emu.admin_cert), "--key", str(emu.admin_key), "--timeout", "5"]
+        code, out, err = run(capsys, "job", "list", "--json", "--url", url, *cert)
+    assert code == 69
+    assert "is not the agent's HTTPS API: it is an MQTT broker over TLS" in err
+    assert "client certificate" not in err and err.count("\n") == 1
+    assert json.loads(out)["exitCode"] == 69
+
+
+def test_url_at_a_plain_mqtt_broker_says_so_exit_69(
+    capsys: pytest.CaptureFixture[str], amqtt_broker: Any
+) -> None:
+    """A broker without TLS: "an MQTT broker without TLS", exit 69."""
+    url = f"https://127.0.0.1:{amqtt_broker.port}"
+    code, _, err = run(capsys, "job", "list", "--url", url, "--timeout", "5")
+    assert code == 69
+    assert "it is an MQTT broker without TLS" in err and err.count("\n") == 1
+
+
+def test_url_at_a_plain_http_port_says_so_exit_69(capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent's HTTP port given as an https:// URL: "plain HTTP, not HTTPS", exit 69."""
+    from keeper_task.emulator import Emulator
+
+    with Emulator(http_port=0) as emu:
+        url = f"https://127.0.0.1:{emu.http_port}"
+        code, _, err = run(capsys, "job", "list", "--url", url, "--timeout", "5")
+    assert code == 69
+    assert "it speaks plain HTTP, not HTTPS" in err and err.count("\n") == 1
+
+
+def test_untrusted_tls_certificate_error_names_the_reason_once(
+    capsys: pytest.CaptureFixture[str], server: HttpsServer, pki: AdminPki
+) -> None:
+    """A CA bundle that does not verify the agent: the OpenSSL reason appears once."""
+    other = trustme.CA()
+    bundle = pki.ca_bundle.parent / "unrelated-ca.pem"
+    other.cert_pem.write_to_path(str(bundle))
+    code, _, err = run(capsys, "job", "list", "--url", server.base_url, "--ca-bundle", str(bundle))
+    assert code == 69 and err.count("\n") == 1
+    assert err.count("CERTIFICATE_VERIFY_FAILED") == 1, err
+
+
+def test_create_and_update_check_offline_before_sending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], agent: FakeJobsAgent, conn: list[str]
+) -> None:
+    """An invalid job never reaches the agent: underscore ids, a file named differently
+    from the id (create; --any-file-name allows it), an invalid body for update."""
+    underscore = write_job(tmp_path, example_job("under_score"))
+    code, out, err = run(capsys, "job", "create", "--json", str(underscore), *conn)
+    assert code == 1 and err.count("\n") == 1 and "nothing was sent to the agent" in err
+    body = json.loads(out)
+    assert body["exitCode"] == 1 and any("for example 'under-score'" in e for e in body["errors"])
+    renamed = tmp_path / "other-name.json"
+    renamed.write_text(json.dumps(example_job("disk-usage-reporter")), encoding="utf-8")
+    code, _, err = run(capsys, "job", "create", str(renamed), *conn)
+    assert code == 1 and "does not match the file name 'other-name.json'" in err
+    assert agent.server.requests == []
+    code, _, err = run(capsys, "job", "create", "--any-file-name", str(renamed), *conn)
+    assert (code, err) == (0, "")
+    assert [r.method for r in agent.server.requests] == ["POST"]
+    broken = example_job()
+    broken["tasks"][0]["timeoutSeconds"] = 0
+    code, _, err = run(
+        capsys, "job", "update", "disk-usage-reporter", str(write_job(tmp_path, broken)), *conn
+    )
+    assert code == 1 and "timeoutSeconds must be a positive integer" in err
+    # The URL id is what the agent stores: an invalid URL id is refused before sending too.
+    code, _, err = run(
+        capsys, "job", "update", "bad_id", str(write_job(tmp_path, example_job())), *conn
+    )
+    assert code == 1 and "underscore" in err
+    assert [r.method for r in agent.server.requests] == ["POST"]
+
+
+def test_validate_huge_integer_is_one_line_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An integer of more than 4,300 digits: one error line (exit 1), and a JSON report."""
+    path = tmp_path / "big.json"
+    path.write_text('{"id": "big", "priority": ' + "9" * 5000 + "}", encoding="utf-8")
+    code, out, err = run(capsys, "job", "validate", str(path))
+    assert (code, err) == (1, "")
+    assert out.splitlines() == [
+        f"{path}: error: an integer has 5000 digits; at most 4300 are accepted (no job field "
+        "needs more than a few)",
+        f"{path}: invalid (1 error)",
+    ]
+    code, out, _ = run(capsys, "job", "validate", "--json", str(path))
+    assert code == 1 and json.loads(out)["files"][0]["errors"][0].endswith("needs more than a few)")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    command=st.sampled_from(["list", "get", "delete", "trigger", "run", "validate", "create"]),
+    option=st.sampled_from(["--timeout", "--url", "--cert", "--key", "--ca-bundle", "--context"]),
+    value=st.text(max_size=40),
+)
+def test_no_option_value_gives_a_traceback(command: str, option: str, value: str) -> None:
+    """Any value for any option of `keeper-task job`: an exit code from the documented set and
+    at most one error line, never a traceback (the agent URL points nowhere)."""
+    import contextlib
+    import io
+
+    args = ["job", command]
+    if command in ("get", "delete", "trigger", "run"):
+        args.append("some-id")
+    if command in ("validate", "create"):
+        args.append(os.devnull)
+    if option == "--context" and command != "trigger":
+        option = "--timeout"
+    args.append(f"{option}={value}")
+    if option != "--url":
+        args += ["--url", "https://127.0.0.1:9"]  # discard port: nothing listens
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    assert code in {0, 1, 64, 68, 69, 77, 78}, (args, code, err.getvalue())
+    assert "Traceback" not in err.getvalue() and err.getvalue().count("\n") <= 1, err.getvalue()

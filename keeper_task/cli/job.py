@@ -270,16 +270,33 @@ def _guarded(func: Command) -> Command:
             if isinstance(error, ValidationFailedError) and "errors" not in fields:
                 # The agent's (or our offline check's) errors as sent: an array, not one string.
                 fields["errors"] = list(error.errors)
+            # One line, whatever the message carries (a path with a newline, say).
+            text = " ".join(str(error).splitlines())
             if getattr(args, "json", False):
-                _print_json({"ok": False, "error": str(error), "exitCode": code, **fields})
-            print(f"keeper-task: error: {error}", file=sys.stderr)
+                _print_json({"ok": False, "error": text, "exitCode": code, **fields})
+            print(f"keeper-task: error: {text}", file=sys.stderr)
             return code
 
     return run
 
 
+# argparse destinations whose option (or argument) name is not "--" + dest.
+_OPTION_NAMES = {
+    "file": "FILE",
+    "files": "FILE",
+    "job_id": "ID",
+    "os_name": "--os",
+    "command_name": "--command",
+}
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
     """Refuse bad option values and unreadable input files before anything starts (exit 64)."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+            raise UsageError(f"{option}: a NUL character cannot be in a path or value")
     raw = getattr(args, "timeout", None)
     if isinstance(raw, str):
         args.timeout = parse_timeout(raw)
@@ -317,7 +334,8 @@ def parse_timeout(text: str) -> float:
 def _diagnose(args: argparse.Namespace, error: AgentError) -> AgentError | None:
     """Tell what answers at the URL when a request failed below HTTP; None keeps ``error``."""
     url = getattr(args, "url", None) or os.environ.get("KEEPER_AGENT_URL") or DEFAULT_AGENT_URL
-    timeout = min(float(getattr(args, "timeout", None) or 5.0), 5.0)
+    # Each probe step waits at most this; a loopback service answers in milliseconds.
+    timeout = min(float(getattr(args, "timeout", None) or 3.0), 3.0)
     found = probe_service(url, timeout)
     if found is None:
         return None
@@ -349,14 +367,14 @@ def probe_service(url: str, timeout: float) -> str | None:
     ctx.verify_mode = ssl.CERT_NONE  # a probe of what answers, not a trust decision
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 
-    def tls_exchange(payload: bytes) -> bytes | None:
+    def tls_exchange(payload: bytes, want: int = 5) -> bytes | None:
         """Send over TLS; the answer's first bytes, or None when TLS itself failed."""
         with socket.create_connection((host, port), timeout=timeout) as raw:
             tls = ctx.wrap_socket(raw, server_hostname=host)
             with tls:
                 tls.sendall(payload)
                 try:
-                    return _read_head(tls)
+                    return _read_head(tls, want)
                 except ssl.SSLError as exc:
                     if "alert" in str(exc).lower():
                         raise
@@ -377,7 +395,7 @@ def probe_service(url: str, timeout: float) -> str | None:
     if head is None or head.startswith(b"HTTP/"):
         return None
     try:
-        mqtt = (tls_exchange(_MQTT_CONNECT) or b"")[:1] == b"\x20"
+        mqtt = (tls_exchange(_MQTT_CONNECT, want=1) or b"")[:1] == b"\x20"
     except OSError:
         mqtt = False
     if mqtt:
@@ -390,11 +408,11 @@ _MQTT_CONNECT = b"\x10\x1d\x00\x04MQTT\x04\x02\x00\x0a\x00\x11keeper-task-probe"
 
 
 def _plain_probe(host: str, port: int, request: bytes, timeout: float) -> str | None:
-    def exchange(payload: bytes) -> bytes:
+    def exchange(payload: bytes, want: int = 5) -> bytes:
         try:
             with socket.create_connection((host, port), timeout=timeout) as raw:
                 raw.sendall(payload)
-                return _read_head(raw)
+                return _read_head(raw, want)
         except OSError:  # reset or timed out: no answer
             return b""
 
@@ -403,15 +421,16 @@ def _plain_probe(host: str, port: int, request: bytes, timeout: float) -> str | 
         return "it speaks plain HTTP, not HTTPS (the agent's HTTP port is not for admin calls)"
     if head[:1] == b"\x15":
         return None  # a TLS alert record: a TLS server that did not like the probe
-    if exchange(_MQTT_CONNECT)[:1] == b"\x20":
+    if exchange(_MQTT_CONNECT, want=1)[:1] == b"\x20":
         return "it is an MQTT broker without TLS (it answered an MQTT CONNECT), not HTTPS"
     return None  # nothing conclusive: keep the original diagnosis
 
 
-def _read_head(sock: socket.socket) -> bytes:
-    """The first bytes of the answer (fewer at end of file); raises what the socket raises."""
+def _read_head(sock: socket.socket, want: int = 5) -> bytes:
+    """The first ``want`` bytes of the answer (fewer at end of file); raises what the socket
+    raises."""
     data = b""
-    while len(data) < 5:
+    while len(data) < want:
         chunk = sock.recv(64)
         if not chunk:
             break
