@@ -79,8 +79,9 @@ def agent_error(
     """Build the error for a failure ``kind`` (both error tables end here)."""
     origin = _origin_text(url)
     messages = {
-        "timeout": f"{method} {url} did not finish within {timeout or 0:g} s (connect, TLS, "
-        "headers and whole body; --http-timeout); is the agent running and listening there?",
+        "timeout": f"{method} {url} timed out: it did not finish within {timeout or 0:g} s "
+        "(connect, TLS, headers and whole body; --http-timeout); is the agent running and "
+        "listening there?",
         "refused": f"cannot connect to the agent at {origin}: connection refused; check the "
         "port (Settings:KestrelHttpsPort) and that the agent service runs",
         "certificate": f"TLS certificate of the agent at {origin} was not accepted ({reason}); "
