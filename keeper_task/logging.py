@@ -714,13 +714,15 @@ class _Batcher:
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            if not self._open:
-                self.flush()  # whatever close() may have raced with
-                return
-            # Let the burst accumulate: a bounded delay, not a synchronisation.
-            time.sleep(self._interval)
+            if self._open:
+                # Let the burst accumulate: a bounded delay, not a synchronisation.
+                time.sleep(self._interval)
             self._wake.clear()
             self.flush()
+            if not self._open:
+                # Checked after the clear: a close() during the sleep ends the thread here
+                # instead of leaving it waiting forever; close() flushes too.
+                return
 
 
 class _StderrWriter:
