@@ -439,16 +439,15 @@ def job_file_name(spec: ProjectSpec, os_name: str) -> PurePosixPath:
     return PurePosixPath("jobs", os_name, f"{spec.job_id}.json")
 
 
-def executable_path(command: str, os_name: str) -> str:
-    """The documented absolute path of the task binary under the default install root."""
-    root = INSTALL_ROOTS[os_name]
-    if os_name == "windows":
-        return f"{root}\\Jobs\\bin\\{command}\\{command}.exe"
-    return f"{root}/Jobs/bin/{command}/{command}"
-
-
 def job_definition(spec: ProjectSpec, os_name: str) -> dict[str, object]:
-    """Return the job JSON for ``os_name`` (same id on every OS; ``osFilter`` selects it)."""
+    """Return the job JSON for ``os_name`` (same id on every OS; ``osFilter`` selects it).
+
+    The task names only its ``command``: the agent looks for
+    ``<agent root>/Jobs/bin/<command>/<command>[.exe]`` (the documented layout the build and
+    the deploy scripts use), so the job works under any install root. An ``executablePath``
+    would pin one root: the agent then wants the binary at exactly that path, and a
+    non-default install (or a rehearsal against ``keeper-task dev agent``) would not find it.
+    """
     return {
         "id": spec.job_id,
         "name": spec.title,
@@ -467,7 +466,6 @@ def job_definition(spec: ProjectSpec, os_name: str) -> dict[str, object]:
                 "name": spec.title,
                 "ExecutionType": "Service",
                 "command": spec.command,
-                "executablePath": executable_path(spec.command, os_name),
                 "arguments": "--keeper-api-base={KeeperApiBaseUrl}",
                 "timeoutSeconds": 300,
                 "continueOnFailure": False,
