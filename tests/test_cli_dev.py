@@ -285,7 +285,9 @@ def test_dev_agent_shows_each_log_event_of_a_triggered_run_once(tmp_path: Path) 
     hello_src = (ROOT / "examples" / "hello" / "task.py").read_text()
     binary.write_text(f"#!{sys.executable}\n{hello_src}")
     binary.chmod(0o755)
-    (state / "Jobs" / "hello-task.json").write_text(HELLO.read_text())
+    job = json.loads(HELLO.read_text())
+    job["events"] = [{"eventType": "Manual"}]  # not Startup: `dev agent` would run it at start
+    (state / "Jobs" / "hello-task.json").write_text(json.dumps(job))
     proc = _start_dev_agent(state)
     try:
         lines = _lines_of(proc)

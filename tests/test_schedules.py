@@ -144,3 +144,54 @@ def test_cron_expression_matching(expression: str, when: datetime, fires: bool) 
 def test_cron_expression_errors(expression: str) -> None:
     with pytest.raises(CronError):
         CronExpression(expression)
+
+
+def test_dev_agent_runs_startup_jobs_and_fast_schedules(tmp_path: Path) -> None:
+    """`keeper-task dev agent --time-scale 6000`: the Startup job runs once at start and an
+    intervalMinutes job fires repeatedly, shown as run lines (counted, not timed)."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    state = tmp_path / "state"
+    jobs = state / "Jobs"
+    binary = jobs / "bin" / "probe" / "probe"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    write_job(jobs, job_data("on-start"))
+    write_job(jobs, scheduled("every-minute", {"intervalMinutes": 1}))
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "keeper_task.cli", "dev", "agent"),
+            *("--state-dir", str(state), "--port", "0", "--time-scale", "6000"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    ended: dict[str, int] = {}
+    try:
+        while ended.get("every-minute", 0) < 3:
+            line = lines.get(timeout=60)
+            assert line is not None, proc.stderr.read() if proc.stderr else ""
+            for job_id in ("on-start", "every-minute"):
+                if line.startswith(f"[run] job {job_id} ") and "succeeded" in line:
+                    ended[job_id] = ended.get(job_id, 0) + 1
+                    trigger = "(startup)" if job_id == "on-start" else "(schedule)"
+                    assert trigger in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert ended["on-start"] == 1

@@ -35,6 +35,7 @@ import heapq
 import importlib
 import itertools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -137,6 +138,22 @@ def register(subparsers: Any) -> None:
         agent,
         port_help=f"HTTPS port on 127.0.0.1 (default {AGENT_PORT}, the agent's, when free; "
         "else a free port, with a warning; 0: a free port)",
+    )
+    agent.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="scheduler speed: X emulated minutes per real minute for intervalMinutes and "
+        "cronExpression (default 1; 60: a tick a second; at most 100000). Jobs with the "
+        "Startup event run once at start",
+    )
+    agent.add_argument(
+        "--http-port",
+        type=int,
+        metavar="P",
+        help="also serve the agent's HTTP port, which only redirects to HTTPS (the agent's "
+        "default is 6888; 0: a free port; default: not served)",
     )
     agent.set_defaults(func=_agent, port=None)
 
@@ -938,6 +955,8 @@ def _agent(args: argparse.Namespace) -> int:
     _require_dev_extra()
     from keeper_task.emulator import Emulator
 
+    if not (math.isfinite(args.time_scale) and 0 < args.time_scale <= 100_000):
+        raise UsageError(f"--time-scale {args.time_scale:g} must be above 0 and at most 100000")
     # Log copies are paired as in `dev run`; unpaired ones are shown when their run ends.
     printer = _Printer(sys.stdout, sys.stderr, verbose=args.verbose, runs=True)
 
@@ -951,6 +970,10 @@ def _agent(args: argparse.Namespace) -> int:
             register_delay=args.register_delay,
             plugins_dir=args.plugins_dir,
             behaviour=_behaviour(args),
+            startup_events=True,
+            schedules=True,
+            time_scale=args.time_scale,
+            http_port=args.http_port,
         )
         # Listening from the start: job files skipped at load time are reported too.
         made.on_event(printer)
