@@ -8,6 +8,9 @@ Three programs are started as fresh processes, each ``--rounds`` times, alternat
 
 (a) the hello ``Task`` (keeper-task: arguments, TLS policy, Plugin Settings GET, MQTT
     connect over TLS, structured logging);
+(a2) the same task with the agent client on httpx's own transport (``httpx.HTTPTransport``)
+    instead of keeper-task's (the measurement behind that choice: see
+    ``keeper_task/agent/_transport.py``);
 (b) a hand-written script doing the same steps with argparse + httpx + paho-mqtt;
 (c) the floor: the interpreter plus importing the four runtime dependencies.
 
@@ -59,6 +62,14 @@ HELLO_TASK = textwrap.dedent(
     """
 )
 
+# (a2): the hello task with the agent client's transport swapped for httpx's own one.
+HELLO_ON_HTTPX_TRANSPORT = HELLO_TASK.replace(
+    "from keeper_task import Task, TaskContext",
+    "from keeper_task import Task, TaskContext\n"
+    "import httpx, keeper_task.agent._http as agent_http\n"
+    "agent_http.AgentTransport = lambda *, ssl_context: httpx.HTTPTransport(verify=ssl_context)",
+)
+
 HAND_WRITTEN = textwrap.dedent(
     """
     import argparse, json, os, socket, ssl, sys, threading, time
@@ -102,6 +113,35 @@ FLOOR = (
 )
 
 
+# The transport alone, in a process that has already imported keeper-task (as a task has):
+# building httpx's own transport imports httpcore, h11 and anyio; ours imports nothing more.
+TRANSPORT_COST = (
+    "import os, ssl, time, httpx, keeper_task.agent._transport as t\n"
+    "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n"
+    "start = time.perf_counter()\n"
+    "{build}\n"
+    "os.write(1, f'{{(time.perf_counter() - start) * 1000}}\\n'.encode())\n"
+)
+TRANSPORTS = {
+    "keeper-task's AgentTransport": "t.AgentTransport(ssl_context=ctx)",
+    "httpx.HTTPTransport": "httpx.HTTPTransport(verify=ctx)",
+}
+
+
+def _transport_cost(rounds: int, env: dict[str, str]) -> None:
+    samples: dict[str, list[float]] = {name: [] for name in TRANSPORTS}
+    for _ in range(rounds):
+        for name, build in TRANSPORTS.items():
+            code = TRANSPORT_COST.format(build=build)
+            proc = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            samples[name].append(float(proc.stdout))
+    print(f"building the agent client's transport, median (min) of {rounds} fresh processes")
+    for name, values in samples.items():
+        print(f"  {name:<40} {statistics.median(values):8.1f} ms ({min(values):.1f})")
+
+
 def _start_broker(certs_dir: Path) -> BrokerBase:
     certs = make_ca_files(certs_dir)
     if find_mosquitto() is not None:
@@ -138,6 +178,8 @@ def main() -> int:
             with FakeAgent(trustme.CA(), settings) as agent:
                 hello = tmpdir / "hello.py"
                 hello.write_text(HELLO_TASK)
+                hello_httpx = tmpdir / "hello_httpx.py"
+                hello_httpx.write_text(HELLO_ON_HTTPX_TRANSPORT)
                 hand = tmpdir / "hand.py"
                 hand.write_text(HAND_WRITTEN)
                 env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
@@ -150,6 +192,11 @@ def main() -> int:
                 base = f"--keeper-api-base={agent.base_url}"
                 programs = {
                     "a: hello Task": [sys.executable, str(hello), base],
+                    "a2: hello Task, httpx.HTTPTransport": [
+                        sys.executable,
+                        str(hello_httpx),
+                        base,
+                    ],
                     "b: hand-written httpx+paho+argparse": [sys.executable, str(hand), base],
                     "c: floor (interpreter + 4 imports)": [sys.executable, "-c", FLOOR],
                 }
@@ -165,9 +212,17 @@ def main() -> int:
     print(f"cold start to run(), median of {opts.rounds} rounds (broker: {broker.name}, TLS)")
     for name, value in medians.items():
         print(f"  {name:<40} {value:8.1f} ms")
-    a, b, c = medians.values()
+    a, _a2, b, c = medians.values()
     print(f"ratio a/c = {a / c:.3f}   (goal <= 1.15)")
     print(f"ratio a/b = {a / b:.3f}   (keeper-task vs. hand-written)")
+    # Paired per round (the two ran back to back), so load drift on a shared machine cancels.
+    names = list(samples)
+    paired = [y - x for x, y in zip(samples[names[0]], samples[names[1]], strict=True)]
+    print(
+        f"a2 - a = {statistics.median(paired):+.1f} ms median of per-round differences "
+        f"(httpx's own transport vs. keeper-task's; > 0: keeper-task's starts faster)"
+    )
+    _transport_cost(opts.rounds, {**os.environ, "PYTHONPATH": str(ROOT)})
     return 0
 
 
