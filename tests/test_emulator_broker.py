@@ -281,34 +281,31 @@ def test_subscription_permissions_use_the_shared_matcher() -> None:
     assert denied == [("subscribe", "$SYS/run"), ("subscribe", "x/a/y")]
 
 
-def test_publish_to_a_dollar_topic_is_denied_and_ends_service_of_that_connection() -> None:
-    """amqtt treats a publish to a '$' topic as a protocol error and stops serving the
-    connection; the emulator reports it and every later publish on it as DENIED."""
+def test_publish_to_a_dollar_topic_is_denied_and_closes_the_connection() -> None:
+    """amqtt treats a publish to a '$' topic as a protocol error and ends the connection;
+    the emulator reports it as DENIED, and the client's next connection is served again."""
     with Emulator(require_trusted_mqtt=False) as agent:
         agent.add_job(
-            job_data(
-                "dollar-job",
-                mqttTopics={"allowedPublications": ["KeeperLogger", "$x/y"]},
-            )
+            job_data("dollar-job", mqttTopics={"allowedPublications": ["KeeperLogger", "$x/y"]})
         )
         client = _client(agent, "dollar-job_D")
+        dropped, reconnected = threading.Event(), threading.Event()
+        client.on_disconnect = lambda *_a: dropped.set()
+        client.on_connect = lambda *_a: reconnected.set()
         try:
             client.publish("KeeperLogger", b"before", qos=1).wait_for_publish(10)
-            client.publish("$x/y", b"d", qos=1).wait_for_publish(10)
+            client.publish("$x/y", b"d", qos=1)
+            assert dropped.wait(10)
+            assert reconnected.wait(30)  # paho reconnects by itself
             client.publish("KeeperLogger", b"after", qos=1).wait_for_publish(10)
         finally:
             client.disconnect()
             client.loop_stop()
-        agent.drain(5)
         messages = [(m.topic, m.payload) for m in agent.messages]
         denied = agent.denied
-    assert messages == [("KeeperLogger", b"before")]
-    assert [(d.action, d.topic) for d in denied] == [
-        ("publish", "$x/y"),
-        ("publish", "KeeperLogger"),
-    ]
+    assert messages == [("KeeperLogger", b"before"), ("KeeperLogger", b"after")]
+    assert [(d.action, d.topic) for d in denied] == [("publish", "$x/y")]
     assert "reserved for the broker" in denied[0].reason
-    assert "no longer serves this connection" in denied[1].reason
 
 
 def test_client_id_check_refuses_with_its_reason() -> None:
@@ -336,6 +333,18 @@ def test_client_id_check_refuses_with_its_reason() -> None:
     assert [(d.action, d.client_id, d.reason) for d in denied] == [
         ("connect", "fmt-job_12345", "expected '{job_id}_{name}'")
     ]
+
+
+def test_embedded_broker_port_in_use_is_one_clear_error() -> None:
+    """A fixed broker port that is taken fails the start with the address in the message."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(EmulatorError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Emulator(broker_port=port).__enter__()
 
 
 def test_topic_matching_and_broker_spec() -> None:

@@ -20,8 +20,8 @@ permissions is undocumented.
 
 Where amqtt itself decides, the emulator reports what happens instead of hiding it: a
 publish to a ``$`` topic (or, from a raw client, to an invalid topic name) is a protocol
-error for amqtt, which then stops serving that connection; both it and every later publish
-on that connection are recorded as denied. The agent's behaviour there is unknown.
+error for amqtt, which ends the connection; the publish (and any the client had already
+sent on that connection) is recorded as denied. The agent's behaviour there is unknown.
 
 The rules run in an amqtt plugin that uses amqtt's public plugin interface only
 (authentication, topic filtering, packet and client events, ``BrokerContext``); see
@@ -349,7 +349,8 @@ def _plugin_class() -> type[Any]:
             self.policy = link.policy
             # QoS 2 publishes wait for their PUBREL: (client id, packet id) -> PUBLISH.
             self.pending: dict[tuple[str, int], Any] = {}
-            # Clients amqtt no longer serves after a publish it treats as a protocol error.
+            # Connections amqtt ends after a publish it treats as a protocol error; packets
+            # already read from them are not served (cleared when the client reconnects).
             self.stopped: dict[str, str] = {}
             # Set at each client disconnect (EmbeddedBroker.drain waits on it).
             self.disconnects = asyncio.Event()
@@ -402,7 +403,7 @@ def _plugin_class() -> type[Any]:
                     client_id,
                     job_id,
                     topic,
-                    "the broker no longer serves this connection since "
+                    "sent on a connection the broker was closing since "
                     f"{self.stopped[client_id]} (the client must reconnect)",
                 )
                 return
@@ -432,26 +433,32 @@ def _protocol_problem(topic: str) -> str | None:
     # plugin is asked and end amqtt's handling of the connection.
     if not topic or "+" in topic or "#" in topic:
         return (
-            f"{topic!r} is not a valid topic name (empty, or with '+'/'#'); the broker stops "
-            "serving the connection"
+            f"{topic!r} is not a valid topic name (empty, or with '+'/'#'); the broker closes "
+            "the connection"
         )
     if topic.startswith("$"):
         return (
             "topics starting with '$' are reserved for the broker (MQTT 4.7.2); the broker "
-            "stops serving the connection"
+            "closes the connection"
         )
     return None
 
 
 class EmbeddedBroker:
-    """amqtt on 127.0.0.1 with TLS, enforcing the agent's rules (see the module docstring)."""
+    """amqtt on 127.0.0.1 with TLS, enforcing the agent's rules (see the module docstring).
+
+    The emulator listens itself (asyncio TLS server) and hands each connection to amqtt
+    through its documented embedding API (an ``external`` listener and
+    ``Broker.external_connected``). Owning the sockets gives the bound port without asking
+    amqtt, and a stop that cannot hang: every client connection is closed first (amqtt sees
+    the end of stream), then amqtt shuts down. Stopping amqtt with clients still attached
+    can wait until they disconnect by themselves: it cancels each client's reader, and on
+    Python before 3.12 ``asyncio.wait_for`` swallows a cancellation that arrives while a
+    packet is being read.
+    """
 
     kind = "embedded"
     enforces = True
-
-    #: Attempts to find a free port when none was given (another process may take the one
-    #: picked before amqtt binds it).
-    PORT_ATTEMPTS = 5
 
     def __init__(self, state: EmulatorState, policy: BrokerPolicy, *, port: int = 0) -> None:
         self.state = state
@@ -461,6 +468,8 @@ class EmbeddedBroker:
         self.tls = True
         self._broker: Any = None
         self._link: _PluginLink | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     @property
     def running(self) -> bool:
@@ -469,58 +478,76 @@ class EmbeddedBroker:
     async def start(self) -> None:
         if self._broker is not None:
             return
-        # amqtt reports no bound address, so a free port is chosen here, once; a restart
-        # reuses it (clients reconnect to the address they were given).
-        fixed = self.port != 0
-        for attempt in range(1 if fixed else self.PORT_ATTEMPTS):
-            port = self.port if fixed else _free_port()
-            try:
-                broker, link = await self._start_on(port)
-            except EmulatorError:
-                if fixed or attempt == self.PORT_ATTEMPTS - 1:
-                    raise
-                continue
-            self.port = port
-            self.policy.local_port = port
-            self._broker, self._link = broker, link
-            return
-
-    async def _start_on(self, port: int) -> tuple[Any, _PluginLink]:
         from amqtt.broker import Broker as AmqttBroker
 
         _plugin_class()
-        certfile, keyfile = self.state.broker_cert_files()
         link = _PluginLink(self.policy)
         config = {
-            "listeners": {
-                "default": {
-                    "type": "tcp",
-                    "bind": f"127.0.0.1:{port}",
-                    "ssl": True,
-                    "certfile": str(certfile),
-                    "keyfile": str(keyfile),
-                }
-            },
+            # No socket of amqtt's own: connections come through external_connected().
+            "listeners": {"default": {"type": "external"}},
             "timeout_disconnect_delay": 2,
             # Only this plugin: no anonymous access, no $SYS publisher, no packet logger.
             "plugins": {_PLUGIN_PATH: {"link": link}},
         }
-        broker = AmqttBroker(config, plugin_namespace=__name__)
         try:
+            broker = AmqttBroker(config, plugin_namespace=__name__)
             await broker.start()
-        except Exception as exc:  # amqtt wraps every start failure in BrokerError
-            raise EmulatorError(
-                f"embedded MQTT broker cannot listen on 127.0.0.1:{port}: {_root(exc)}"
-            ) from exc
+        except Exception as exc:  # amqtt wraps start failures in BrokerError/PluginError
+            raise EmulatorError(f"embedded MQTT broker cannot start: {_root(exc)}") from exc
         if link.plugin is None:  # amqtt did not load it: nothing would be enforced
-            with contextlib.suppress(Exception):
-                await broker.shutdown()
+            await broker.shutdown()
             raise EmulatorError("embedded MQTT broker: amqtt did not load the emulator's plugin")
-        return broker, link
+        certfile, keyfile = self.state.broker_cert_files()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile)
+        try:
+            server = await asyncio.start_server(
+                self._serve_with(broker), self.host, self.port, ssl=ctx
+            )
+        except OSError as exc:
+            await broker.shutdown()
+            raise EmulatorError(
+                f"embedded MQTT broker cannot listen on {self.host}:{self.port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        # A restart reuses the port: clients reconnect to the address they were given.
+        self.port = int(server.sockets[0].getsockname()[1])
+        self.policy.local_port = self.port
+        self._broker, self._link, self._server = broker, link, server
+
+    def _serve_with(self, broker: Any) -> Callable[..., Any]:
+        from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections[task] = writer
+            try:
+                await broker.external_connected(
+                    StreamReaderAdapter(reader), StreamWriterAdapter(writer), "default"
+                )
+            finally:
+                self._connections.pop(task, None)
+                writer.close()
+
+        return serve
 
     async def stop(self) -> None:
-        broker, self._broker = self._broker, None
-        self._link = None
+        broker, server = self._broker, self._server
+        self._broker, self._link, self._server = None, None, None
+        if server is not None:
+            server.close()
+        # Close every client connection first, then wait (bounded) for amqtt to see each end
+        # of stream, so that its shutdown has no reader left to cancel (see class docstring).
+        connections = dict(self._connections)
+        for writer in connections.values():
+            writer.close()
+        if connections:
+            await asyncio.wait(connections, timeout=5.0)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
         if broker is not None:
             with contextlib.suppress(Exception):
                 await broker.shutdown()
