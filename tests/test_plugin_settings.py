@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from tests.support.https import HttpsServer, Response
 from tests.support.plugin_agent import PluginSettingsAgent
 
 SECRET = "s3cr3t-value-never-logged"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -525,3 +529,100 @@ def test_default_context_is_unverified_tls_on_loopback(agent):
     """Without ssl_context the loopback policy connects to a self-signed server."""
     with PluginSettingsClient(agent.server.base_url) as c:
         assert c.get("My Plugin/x", "mode") == "fast"
+
+
+# --- the same bounds through a real task process --------------------------------------------
+
+_TASK = """
+from keeper_task import Task, TaskContext
+
+
+class Probe(Task):
+    def run(self, ctx: TaskContext) -> None:
+        print("RUN")
+
+
+Probe.main()
+"""
+
+
+def _run_task(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    script = tmp_path / "probe_task.py"
+    script.write_text(_TASK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["KEEPER_TASK_LOG_FORMAT"] = "json"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), "--no-mqtt", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    return proc, time.monotonic() - started
+
+
+def _retries(stderr: str) -> int:
+    return stderr.count('"agent.retry"')
+
+
+def test_task_with_a_drip_feeding_agent_gives_up_within_its_timeouts(agent, tmp_path: Path):
+    """--trust-timeout 3 --http-timeout 1 against an agent dripping one byte per 0.25 s: exit
+    69 within a small multiple of the configured timeouts (not half a minute), every attempt
+    counted by the server and named in the message."""
+    agent.server.dripped = 0
+    agent.server.route(
+        "GET",
+        r"/api/PluginSettings/KeeperPrivilegeManager",
+        Response(200, {"broker.host": "127.0.0.1", "x": "v" * 200}, drip=0.25),
+    )
+    trust, http = 3.0, 1.0
+    proc, elapsed = _run_task(
+        tmp_path,
+        f"--keeper-api-base={agent.server.base_url}",
+        f"--trust-timeout={trust}",
+        f"--http-timeout={http}",
+    )
+    attempts = len(agent.requests)
+    assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
+    assert attempts == _retries(proc.stderr) + 1 >= 2
+    assert f"gave up after {attempts} attempts" in proc.stderr
+    assert "RUN" not in proc.stdout
+    assert elapsed < 2 * (trust + 2 * http)  # the process start included
+
+
+def test_task_with_nothing_listening_says_so_after_the_short_budget(tmp_path: Path):
+    """A port where nothing listens: retried for --connect-retry-timeout only (not the 30 s
+    budget), then exit 69 with the one line naming the port; attempts = warnings + 1."""
+    port = closed_port()
+    refused = 0.5
+    proc, elapsed = _run_task(
+        tmp_path,
+        f"--keeper-api-base=https://127.0.0.1:{port}",
+        f"--connect-retry-timeout={refused}",
+    )
+    assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
+    line = (
+        f"nothing listens on 127.0.0.1:{port} — is this running under the agent? the port is "
+        "Settings:KestrelHttpsPort"
+    )
+    assert line in proc.stderr
+    attempts = _retries(proc.stderr) + 1
+    assert attempts >= 2
+    assert f"connection refused on {attempts} attempts" in proc.stderr
+    assert elapsed < 20 * refused  # the process start included; the default budget is 30 s
+
+
+def test_task_refused_by_403_forever_exits_77_counting_the_servers_requests(agent, tmp_path: Path):
+    """403 forever with a 1 s budget: exit 77, and the attempts the message names are the
+    requests the server counted (and the warnings logged + 1)."""
+    agent.fail(403)
+    proc, _elapsed = _run_task(
+        tmp_path, f"--keeper-api-base={agent.server.base_url}", "--trust-timeout=1"
+    )
+    attempts = len(agent.requests)
+    assert proc.returncode == ExitCode.NOT_TRUSTED == 77, proc.stderr
+    assert attempts == _retries(proc.stderr) + 1 >= 2
+    assert f"403 on {attempts} attempts over " in proc.stderr
