@@ -502,6 +502,11 @@ class _Run:
                 self.request = TaskInterrupted(signum, name)
         if count == 1:
             self._start_grace()
+            if canceller.closed and self.process and not self.shutting_down:
+                self._note(
+                    f"note: {name} after run() ended: teardown and the flush go on and the "
+                    "exit code stays; a third signal exits at once"
+                )
         elif count == 2 and self.process:
             self._note(
                 f"note: {name} again: stopping is under way (teardown, then the flush within "

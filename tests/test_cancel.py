@@ -14,6 +14,7 @@ import pty
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trustme
@@ -35,6 +36,9 @@ from tests.test_task import (
     agent,  # noqa: F401 - fixture
     ca,  # noqa: F401 - fixture
 )
+
+#: The program name in the task's own lines (the command as invoked).
+PROG = f"{Path(sys.executable).name} sample_task.py"
 
 # A grace no test reaches: when the task stops, it stopped gracefully, not by the grace.
 _NO_GRACE = "3600"
@@ -89,15 +93,15 @@ def test_swallowed_stop_is_raised_again_then_the_grace_ends_the_process(
         assert proc.stdout is not None
         _wait_line(proc.stdout, "READY")
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = _finish(proc, timeout=60)
+        _, stderr = _finish(proc, timeout=60)
         assert proc.returncode == 143, stderr
         messages = _wait_messages(col, {"task.stop_forced"})
     # The signal's own raise plus at least one re-raise were swallowed before the grace.
-    assert stdout.count("SWALLOWED") >= 2
+    assert stderr.count("SWALLOWED") >= 2
     assert "TEARDOWN" not in stderr
     assert "task.stop_forced" in messages
     last = _last_line(stderr)
-    assert last.startswith("sample_task: error: interrupted by SIGTERM: ")
+    assert last.startswith(f"{PROG}: error: interrupted by SIGTERM: ")
     assert "did not end within 3 s (stop_grace)" in last
     assert "teardown skipped; 0 MQTT message(s) not acknowledged" in last
 
@@ -110,16 +114,16 @@ def test_second_signal_raises_again_and_third_exits_at_once(agent: FakeAgent) ->
     assert proc.stdout is not None and proc.stderr is not None
     _wait_line(proc.stdout, "READY")
     proc.send_signal(signal.SIGTERM)
-    _wait_line(proc.stdout, "SWALLOWED")
+    _wait_line(proc.stderr, "SWALLOWED")
     proc.send_signal(signal.SIGTERM)
     note = _wait_line(proc.stderr, "a third signal exits at once")
-    assert note.startswith("sample_task: note: SIGTERM again: stopping is under way")
+    assert note.startswith(f"{PROG}: note: SIGTERM again: stopping is under way")
     proc.send_signal(signal.SIGINT)  # any stop signal counts; the first one sets the code
     _, rest = _finish(proc, timeout=60)
     assert proc.returncode == 143, rest
     assert "TEARDOWN" not in rest
     last = _last_line(rest)
-    assert last.startswith("sample_task: error: interrupted by SIGTERM: ")
+    assert last.startswith(f"{PROG}: error: interrupted by SIGTERM: ")
     assert "a third stop signal (SIGINT) ended the process at once" in last
     assert "teardown and the flush skipped" in last
 
@@ -141,6 +145,7 @@ def test_hanging_teardown_third_signal_exits(agent: FakeAgent, behaviour: str) -
     else:
         _wait_line(proc.stdout, "TEARDOWN-HANG")
         proc.send_signal(signal.SIGTERM)
+        _wait_line(proc.stderr, "note: SIGTERM after run() ended: teardown and the flush go on")
     proc.send_signal(signal.SIGTERM)
     _wait_line(proc.stderr, "a third signal exits at once")
     proc.send_signal(signal.SIGTERM)
@@ -161,15 +166,17 @@ def test_hanging_teardown_is_ended_by_the_grace(agent: FakeAgent) -> None:  # no
     assert "sample.teardown" in _names(stderr)
     last = _last_line(stderr)
     assert "did not end within 1 s (stop_grace)" in last
-    assert last.startswith("sample_task: error: interrupted by SIGTERM: ")
+    assert last.startswith(f"{PROG}: error: interrupted by SIGTERM: ")
 
 
 def test_signal_after_run_returned_keeps_exit_0(agent: FakeAgent) -> None:  # noqa: F811
     """A SIGTERM during teardown after a successful run() changes nothing: teardown ends, 0."""
     proc = _popen(agent.base_url, "--behaviour", "ok", "--teardown-wait")
     assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stderr is not None
     _wait_line(proc.stdout, "TEARDOWN-START")
     proc.send_signal(signal.SIGTERM)
+    _wait_line(proc.stderr, "note: SIGTERM after run() ended")
     proc.stdin.write("go\n")
     proc.stdin.flush()
     _, stderr = _finish(proc)
@@ -185,7 +192,7 @@ def _assert_reason_last(stderr: str, code: int, fragment: str) -> None:
     """The last stderr line is the reason: a plain `prog: error:` line or the outcome event."""
     last = _last_line(stderr)
     assert fragment in last, stderr[-3000:]
-    if last.startswith("sample_task: error: "):
+    if last.startswith(f"{PROG}: error: "):
         return
     doc = json.loads(last)
     assert doc["level"] in ("Error", "Warning")
@@ -279,7 +286,7 @@ def test_lost_messages_warning_is_followed_by_the_reason(ca: trustme.CA) -> None
             )  # fmt: skip
     assert proc.returncode == ExitCode.TASK_FAILED, proc.stderr
     assert "were not acknowledged before exit" in proc.stderr
-    assert _last_line(proc.stderr) == "sample_task: error: inventory incomplete"
+    assert _last_line(proc.stderr) == f"{PROG}: error: inventory incomplete"
 
 
 # --- usage errors before the run starts: one plain line, pipe or terminal ----------------
@@ -292,7 +299,7 @@ def test_missing_api_base_is_one_plain_line_on_a_pipe(log_format: str) -> None:
     assert proc.returncode == ExitCode.USAGE
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("sample_task: error: missing --keeper-api-base: ")
+    assert lines[0].startswith(f"{PROG}: error: missing --keeper-api-base: ")
     assert "{KeeperApiBaseUrl}" in lines[0]
 
 
@@ -329,7 +336,7 @@ def test_missing_api_base_is_one_plain_line_on_a_terminal() -> None:
     lines = [line for line in text.splitlines() if line.strip()]
     assert proc.returncode == ExitCode.USAGE
     assert len(lines) == 1, text
-    assert lines[0].startswith("sample_task: error: missing --keeper-api-base: ")
+    assert lines[0].startswith(f"{PROG}: error: missing --keeper-api-base: ")
 
 
 def test_events_before_the_stop_reach_keeper_logger_on_a_forced_exit(

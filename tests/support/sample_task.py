@@ -137,14 +137,17 @@ class Sample(Task[SampleSettings]):
         elif behaviour == "swallow-all":
             # The worst task code: every stop request is swallowed, forever. (A raise
             # landing in the handler of the inner try is swallowed by the outer one.)
-            print("READY", flush=True)
+            ready = False
             while True:
                 try:
                     while True:
                         try:
+                            if not ready:  # inside the try: a stop right after it is swallowed
+                                ready = True
+                                print("READY", flush=True)
                             threading.Event().wait()
                         except BaseException:
-                            print("SWALLOWED", flush=True)
+                            print("SWALLOWED", file=sys.stderr, flush=True)
                 except BaseException:
                     pass
         elif behaviour == "sys-exit":
