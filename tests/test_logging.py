@@ -571,14 +571,20 @@ def test_stop_requests_landing_in_the_pipeline_lose_nothing() -> None:
     main = threading.main_thread().ident
     assert main is not None
 
+    progress = [0]  # log calls made by the main thread
+
     def killer() -> None:
-        for _ in range(3000):
+        for _ in range(1000):
+            seen = progress[0]
             signal.pthread_kill(main, signal.SIGUSR1)
-            time.sleep(0)  # yield the GIL so the main thread logs between signals
+            while progress[0] == seen:  # one signal per log call: wait for the next one
+                time.sleep(0)
         done.set()
 
     thread = threading.Thread(target=killer)
     i = 0
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL back and forth often: many signals, fast
     try:
         thread.start()
         while not done.is_set():
@@ -589,9 +595,11 @@ def test_stop_requests_landing_in_the_pipeline_lose_nothing() -> None:
             except _Stop:
                 raised += 1
             i += 1
+            progress[0] = i
         thread.join()
     finally:
         armed[0] = False
+        sys.setswitchinterval(switch)
         signal.signal(signal.SIGUSR1, old)
     pipeline.detach()
     on_stderr = [d["properties"]["i"] for d in json_lines(err) if d["message"] in ("tick", "tail")]
