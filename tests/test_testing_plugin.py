@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 from keeper_task import Task, TaskContext
 from keeper_task.emulator import Emulator
+from keeper_task.emulator.records import RequestRecord
 from keeper_task.testing import TaskResult, default_job, run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,12 +178,33 @@ def test_malformed_settings_as_a_launched_task(agent: Emulator) -> None:
 
 
 def test_registration_delay_gives_startup_403(tmp_path: Path) -> None:
-    """Emulator(register_delay=...): the launched task sees 403 first, then succeeds."""
-    with Emulator(register_delay=1.5) as agent:
-        result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    """Emulator(register_delay=...): the launched task gets 403 until its registration lands,
+    then succeeds. Counted, not timed: the delay outlasts the test, and the test lands the
+    registration itself once the emulator has refused the task twice."""
+    job = default_job()
+    results: list[TaskResult] = []
+    with Emulator(register_delay=3600) as agent:
+        env = {**FAST, "KEEPER_TASK_TRUST_TIMEOUT": "120"}  # never the budget that ends it
+        runner = threading.Thread(
+            target=lambda: results.append(run_task(agent, HELLO_SCRIPT, job=job, env=env))
+        )
+        runner.start()
+        refused: list[RequestRecord] = []
+        for _ in range(3000):  # up to 60 s for two refused requests (a count, not a window)
+            refused = [r for r in agent.requests if r.path == SETTINGS and r.status == 403]
+            if len(refused) >= 2 or not runner.is_alive():
+                break
+            time.sleep(0.02)
+        assert len(refused) >= 2
+        pid = refused[0].pid
+        assert pid is not None
+        agent.registry.register(pid, job["id"])  # the registration lands now
+        runner.join(120)
+    (result,) = results
     statuses = [status for status, _ in _settings_requests(result)]
     assert result.exit_code == 0, result.stderr
-    assert statuses[0] == 403 and statuses[-1] == 200
+    assert statuses[:2] == [403, 403] and statuses[-1] == 200
+    assert set(statuses[:-1]) == {403}
 
 
 def test_default_job_is_valid_and_overridable() -> None:
