@@ -519,7 +519,7 @@ def test_https_server_that_never_answers_exits_69_within_budget() -> None:
         elapsed = time.monotonic() - started
     assert proc.returncode == ExitCode.AGENT_UNREACHABLE, proc.stderr
     assert elapsed < 8
-    assert "timed out" in _last_line(proc.stderr)
+    assert "--http-timeout" in _last_line(proc.stderr)
     assert "Traceback" not in proc.stderr
 
 
