@@ -90,8 +90,14 @@ def covers(entry: str, requested: str) -> bool:
         if i >= len(want):
             return False
         if part == "+":
-            if want[i] == "#" or dollar:
+            if dollar:
                 return False
+            if want[i] == "#":
+                # '#' also matches its parent ('a/#' matches 'a'), which '+/#' misses, unless
+                # that parent is no topic at all: at the top, or below an empty first level
+                # ('/#' cannot match the empty topic ''). Then '+/#' is exactly as wide.
+                no_parent = i == 0 or (i == 1 and want[0] == "")
+                return no_parent and have[i:] == ["+", "#"]
         elif part != want[i]:
             return False
     return len(want) == len(have)

@@ -99,6 +99,9 @@ def test_matches_agrees_with_the_reference(flt: list[str], topic: list[str]) -> 
 @example(["#"], ["$s", "#"])
 @example(["#"], ["+", "#"])
 @example(["+"], ["$s"])
+@example(["+", "#"], ["#"])  # as wide as '#' (found by this test)
+@example(["a", "+", "#"], ["a", "#"])  # not: 'a/#' also matches 'a'
+@example(["+", "+", "#"], ["", "#"])  # but '/#' cannot match the empty topic
 def test_covers_is_exactly_inclusion_of_matched_topics(entry: list[str], req: list[str]) -> None:
     """covers(E, F) holds iff every topic F matches is matched by E (over separating topics)."""
     e, f = "/".join(entry), "/".join(req)
