@@ -92,7 +92,7 @@ def test_matches_agrees_with_the_reference(flt: list[str], topic: list[str]) -> 
     assert matches(f, t) == ref_matches(f, t)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(levels_any, levels_any)
 @example(["a", "#"], ["a"])
 @example(["a", "+"], ["a", "#"])
