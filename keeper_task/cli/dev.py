@@ -52,6 +52,7 @@ from keeper_task.cli import missing_command
 from keeper_task.cli.job import parse_context
 from keeper_task.errors import EmulatorError, JobDefinitionError, UsageError
 from keeper_task.exit_codes import signal_exit_code
+from keeper_task.signals import InterruptOnce
 
 __all__ = ["AGENT_PORT", "register"]
 
@@ -484,45 +485,11 @@ def _settings(items: list[str]) -> dict[str, str]:
     return out
 
 
-class _Signals:
-    """SIGINT and SIGTERM stop ``dev`` cleanly.
-
-    The first signal raises ``KeyboardInterrupt`` in the main thread, so every path stops
-    the emulator, kills the task tree and removes the temporary state. Later signals are
-    only recorded: a second Ctrl-C must not abort that cleanup half-way and leave a task or
-    a temporary directory behind (the cleanup is bounded by the emulator's kill grace).
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._shielded = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-            if not self._shielded:
-                raise KeyboardInterrupt
-
-    def shield(self) -> None:
-        """From now on signals are only recorded (the cleanup has started)."""
-        self._shielded = True
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    @property
-    def name(self) -> str:
-        """The signal's name (``SIGINT``), or an empty string."""
-        return signal.Signals(self.signum).name if self.signum is not None else ""
+#: SIGINT, SIGTERM (and Ctrl-Break on Windows) stop ``dev`` cleanly: the first raises
+#: ``KeyboardInterrupt`` in the main thread, so every path stops the emulator, kills the task
+#: tree and removes the temporary state; later ones are only recorded, so a second Ctrl-C
+#: cannot abort that cleanup half-way (it is bounded by the emulator's kill grace).
+_Signals = InterruptOnce
 
 
 # --- dev run -------------------------------------------------------------------------------
