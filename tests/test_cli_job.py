@@ -930,3 +930,18 @@ def test_no_option_value_gives_a_traceback(command: str, option: str, value: str
         code = main(args)
     assert code in {0, 1, 64, 68, 69, 77, 78}, (args, code, err.getvalue())
     assert "Traceback" not in err.getvalue() and err.getvalue().count("\n") <= 1, err.getvalue()
+
+
+def test_timeout_bounds_and_directory_job_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout accepts (0, 86400]; a directory given as the job file is exit 64."""
+    from keeper_task.cli.job import parse_timeout
+    from keeper_task.errors import UsageError
+
+    assert parse_timeout("86400") == 86400.0 and parse_timeout("0.5") == 0.5
+    with pytest.raises(UsageError, match="out of range"):
+        parse_timeout("86400.5")
+    code, out, err = run(capsys, "job", "validate", str(tmp_path))
+    assert (code, out) == (64, "")
+    assert err == f"keeper-task: error: job file {tmp_path} is a directory, not a JSON file\n"

@@ -478,3 +478,47 @@ def _encode(text: str) -> str:
     from urllib.parse import quote
 
     return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+# == Choices where the reference is silent (README table) ====================================
+
+
+def test_numeric_execution_type_and_path_only_commands_are_refused(admin: httpx.Client) -> None:
+    """ExecutionType 0 is not one of the names; a command found only on PATH (sh) is not a
+    deployed binary."""
+    numeric = job_data("conf-numeric")
+    numeric["tasks"][0]["ExecutionType"] = 0
+    assert_400(admin.post("/api/Jobs", json=numeric), "executionType must be a string")
+    on_path = job_data("conf-on-path")
+    on_path["tasks"][0]["command"] = "sh"
+    assert shutil.which("sh") is not None
+    assert_400(admin.post("/api/Jobs", json=on_path), "binary for command 'sh' not found")
+
+
+def test_json_media_types_accepted(admin: httpx.Client) -> None:
+    """text/json and a +json suffix count as JSON, as for ASP.NET's JSON formatter."""
+    raw = json.dumps(job_data("conf-media-ok")).encode()
+    for media in ("text/json", "application/vnd.keeper+json", "application/json; charset=utf-8"):
+        response = admin.post("/api/Jobs/validate", content=raw, headers={"Content-Type": media})
+        assert response.status_code == 200, (media, response.text)
+
+
+def test_reload_skips_bad_files_with_200_and_says_why(admin: httpx.Client, emu: Emulator) -> None:
+    """A file whose id is not its name, and a case-only duplicate, are skipped; 200."""
+    (emu.jobs_dir / "conf-misnamed.json").write_text(json.dumps(job_data("conf-other")))
+    (emu.jobs_dir / "conf-dup.json").write_text(json.dumps(job_data("conf-dup")))
+    (emu.jobs_dir / "CONF-DUP.json").write_text(json.dumps(job_data("CONF-DUP")))
+    try:
+        response = admin.post("/api/Jobs/reload")
+        assert response.status_code == 200
+        errors = response.json()["errors"]
+        assert any(
+            "conf-misnamed.json" in e and "does not match the file name" in e for e in errors
+        )
+        assert any("differs only in letter case" in e for e in errors), errors
+        ids = {j["id"] for j in admin.get("/api/Jobs").json()["jobs"]}
+        assert "conf-other" not in ids and len(ids & {"conf-dup", "CONF-DUP"}) == 1
+    finally:
+        for name in ("conf-misnamed.json", "conf-dup.json", "CONF-DUP.json"):
+            (emu.jobs_dir / name).unlink()
+        admin.post("/api/Jobs/reload")

@@ -195,3 +195,12 @@ def test_dev_agent_runs_startup_jobs_and_fast_schedules(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert ended["on-start"] == 1
+
+
+def test_jobs_added_after_start_get_no_startup_run(jobs_dir: Path) -> None:
+    """Startup fires for the jobs loaded at start only, not for jobs created later."""
+    with Emulator(jobs_dir=jobs_dir, startup_events=True) as emu:
+        emu.add_job(job_data("late"))
+        assert emu.job("late") is not None
+        assert emu.advance_schedule(1) == []
+        assert emu.runs == []
