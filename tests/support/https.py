@@ -72,69 +72,8 @@ class HttpsServer:
         if client_ca is not None:
             client_ca.configure_trust(ctx)
             ctx.verify_mode = ssl.CERT_REQUIRED
-        outer = self
-
-        class _H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Headers and body are two writes: with Nagle on, the body waits for a delayed ACK.
-            disable_nagle_algorithm = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                sock = self.connection
-                peercert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
-                req = Request(self.command, self.path, dict(self.headers), body, peercert)
-                with outer._lock:
-                    outer.requests.append(req)
-                resp = outer._dispatch(req)
-                payload = resp.body
-                ctype = "application/json"
-                if isinstance(payload, bytes):
-                    data = payload
-                elif isinstance(payload, str):
-                    data, ctype = payload.encode(), "text/plain"
-                elif payload is None:
-                    data = b""
-                else:
-                    data = json.dumps(payload).encode()
-                if resp.drip is not None:
-                    self._drip(resp, data, ctype)
-                    return
-                self.send_response(resp.status)
-                self.send_header("Content-Type", resp.headers.get("Content-Type", ctype))
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in resp.headers.items():
-                    if k != "Content-Type":
-                        self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _drip(self, resp: Response, data: bytes, ctype: str) -> None:
-                head = (
-                    f"HTTP/1.1 {resp.status} Dripping\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(data)}\r\n\r\n"
-                ).encode()
-                slow = head + data if resp.drip_headers else data
-                self.close_connection = True
-                try:
-                    if not resp.drip_headers:
-                        self.wfile.write(head)
-                    for i in range(len(slow)):
-                        if outer.stopping.wait(resp.drip):
-                            return
-                        self.wfile.write(slow[i : i + 1])
-                        with outer._lock:
-                            outer.dripped += 1
-                except OSError:
-                    return  # the client gave up: what the fault is there to provoke
-
-            do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _H)
+        self._server = _OwnedServer(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
         self._server.daemon_threads = True
         self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
@@ -168,3 +107,73 @@ class HttpsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _OwnedServer(ThreadingHTTPServer):
+    owner: HttpsServer
+
+
+def _encode(payload: Any) -> tuple[bytes, str]:
+    """The body bytes and their content type."""
+    if isinstance(payload, bytes):
+        return payload, "application/json"
+    if isinstance(payload, str):
+        return payload.encode(), "text/plain"
+    if payload is None:
+        return b"", "application/json"
+    return json.dumps(payload).encode(), "application/json"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: with Nagle on, the body waits for a delayed ACK.
+    disable_nagle_algorithm = True
+    server: _OwnedServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        outer = self.server.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        sock = self.connection
+        peercert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        req = Request(self.command, self.path, dict(self.headers), body, peercert)
+        with outer._lock:
+            outer.requests.append(req)
+        resp = outer._dispatch(req)
+        data, ctype = _encode(resp.body)
+        if resp.drip is not None:
+            self._drip(resp, data, ctype)
+            return
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.headers.get("Content-Type", ctype))
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in resp.headers.items():
+            if k != "Content-Type":
+                self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _drip(self, resp: Response, data: bytes, ctype: str) -> None:
+        outer = self.server.owner
+        head = (
+            f"HTTP/1.1 {resp.status} Dripping\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        slow = head + data if resp.drip_headers else data
+        self.close_connection = True
+        try:
+            if not resp.drip_headers:
+                self.wfile.write(head)
+            for i in range(len(slow)):
+                if outer.stopping.wait(resp.drip or 0.0):
+                    return
+                self.wfile.write(slow[i : i + 1])
+                with outer._lock:
+                    outer.dripped += 1
+        except OSError:
+            return  # the client gave up: what the fault is there to provoke
+
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
