@@ -716,3 +716,22 @@ def test_report_late_writes_the_after_detach_line_when_asked() -> None:
     assert docs[-1]["properties"]["count"] == 2 == pipeline.after_detach
     pipeline.report_late()  # already reported: no second line
     assert len(json_lines(err)) == 4
+
+
+def test_zero_buffer_drops_and_counts_early_events() -> None:
+    """buffer=0 keeps nothing before attach(): early events are counted as dropped (and
+    undelivered), and logging them does not fail."""
+    err = io.StringIO()
+    pipeline = configure_logging(fmt="json", stream=err, buffer=0)
+    log = pipeline.get_logger()
+    log.info("early")
+    log.info("early")
+    sent: list[bytes] = []
+    pipeline.attach(sent.append)
+    assert [json.loads(p)["message"] for p in sent] == ["keeper_logger.buffer_overflow"]
+    assert pipeline.buffer_dropped == 2
+    pipeline.detach()
+    assert pipeline.undelivered == 2
+    summary = json_lines(err)[-1]
+    assert summary["message"] == "keeper_logger.summary"
+    assert summary["properties"]["buffer_dropped"] == 2
