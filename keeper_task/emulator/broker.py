@@ -551,6 +551,7 @@ class EmbeddedBroker:
         if broker is not None:
             with contextlib.suppress(Exception):
                 await broker.shutdown()
+        self.policy.connected.clear()  # every connection is gone, whatever amqtt reported
 
     async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         link = self._link
