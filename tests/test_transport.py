@@ -20,7 +20,12 @@ import trustme
 
 from keeper_task.agent._http import AgentHttp
 from keeper_task.agent._transport import AgentTransport, ConnectFailedError
-from keeper_task.errors import AgentNotListeningError, AgentTimeoutError, AgentUnreachableError
+from keeper_task.errors import (
+    AgentNotListeningError,
+    AgentTimeoutError,
+    AgentUnreachableError,
+    SettingsError,
+)
 from keeper_task.tls import client_ssl_context
 from tests.support.https import HttpsServer, Request, Response
 
@@ -275,3 +280,13 @@ def test_httpx_transport_refused_is_agent_not_listening() -> None:
     ):
         http_.request("GET", "/api/x")
     assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e10, True])
+def test_a_timeout_out_of_range_is_a_settings_error_before_any_request(timeout: float) -> None:
+    """A client timeout outside 0 < t <= 86400 (nan, inf, 1e10 ...) is refused at once (78),
+    never an OverflowError from a socket or a timer later."""
+    with pytest.raises(SettingsError) as info:
+        AgentHttp("https://127.0.0.1:6889", timeout=timeout)
+    assert info.value.exit_code == 78
+    assert "0 < timeout <= 86400" in str(info.value)

@@ -11,6 +11,7 @@ same classes. Every non-2xx status is mapped here too. Each mapped error is re-r
 from __future__ import annotations
 
 import json
+import math
 import ssl
 from collections.abc import Mapping
 from types import TracebackType
@@ -26,6 +27,7 @@ from keeper_task.errors import (
     NotFoundError,
     NotTrustedError,
     RequestRejectedError,
+    SettingsError,
     ValidationFailedError,
 )
 from keeper_task.tls import client_ssl_context
@@ -33,6 +35,19 @@ from keeper_task.tls import client_ssl_context
 __all__ = ["AgentClient", "AgentHttp", "certificate_failure", "decode_json", "path_segment"]
 
 _C = TypeVar("_C", bound="_ClosesOnExit")
+
+
+#: Upper bound of a request timeout (seconds): one day (the task's --http-timeout stops at 3600).
+MAX_TIMEOUT = 86_400
+
+
+def _valid_timeout(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value <= MAX_TIMEOUT
+    )
 
 
 def path_segment(value: str) -> str:
@@ -65,7 +80,8 @@ class AgentHttp(_ClosesOnExit):
     Args:
         base_url: The agent's base URL, for example ``https://127.0.0.1:6889``.
         ssl_context: TLS context; default is the loopback policy of :mod:`keeper_task.tls`.
-        timeout: Seconds per request (connect, read, write and pool).
+        timeout: Seconds one request may take in all (connect, TLS, headers, whole body);
+            0 < timeout <= 86400, else :class:`~keeper_task.errors.SettingsError`.
         tier: ``"Plugin"`` or ``"Admin"``: named in 403 messages.
         transport: An httpx transport, for example ``httpx.MockTransport`` in unit tests.
     """
@@ -80,6 +96,11 @@ class AgentHttp(_ClosesOnExit):
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        if not _valid_timeout(timeout):
+            raise SettingsError(
+                f"timeout must be a number of seconds, 0 < timeout <= {MAX_TIMEOUT}, "
+                f"not {timeout!r}"
+            )
         self.base_url = base_url.rstrip("/")
         self.tier = tier
         if transport is None:
