@@ -75,25 +75,26 @@ class Task(Generic[S]):
 
     1. The first signal, or the deadline, stops ``setup()``/``run()``: a ``BaseException``
        (like ``KeyboardInterrupt``, so ``except Exception`` does not catch it) is raised at
-       the next safe point: at once, also inside a blocking call (sleep, socket, lock,
-       subprocess wait); never inside a ``__del__`` method, a weakref callback or a
+       the next safe point: normally at once, also inside a blocking call (sleep, socket,
+       lock, subprocess wait); never inside a ``__del__`` method, a weakref callback or a
        generator being finalised, where Python would drop it (it is raised in their caller
        when they return), nor inside the framework's own bookkeeping. Until they have
        ended it is raised again every 0.25 s, so code that swallows it (``except
        BaseException: pass``) does not keep them running. ``teardown()`` then runs
        undisturbed, queued messages are flushed within ``--mqtt-flush-timeout``, and the
        exit code is 128+N (124 for the deadline). A C function that holds the GIL
-       throughout (one huge ``sum()``) is stopped only when it returns.
-    2. A second signal raises the stop again at once if ``setup()``/``run()`` are still
-       running; teardown and the flush go on. A note on stderr says what a third one does.
-    3. A third signal ends the process at once with the same exit code: the rest of
-       teardown and of the flush is skipped; the last stderr line counts the MQTT messages
-       not acknowledged.
+       throughout (one huge ``sum()``) is stopped only when it returns. A first signal
+       after ``run()`` has ended only writes a note: teardown and the flush go on and the
+       exit code stays.
+    2. A second signal raises the stop again if ``setup()``/``run()`` are still running;
+       teardown and the flush go on. A note on stderr says what a third one does.
+    3. A third signal ends the process at once with the first request's exit code: the
+       rest of teardown and of the flush is skipped; the last stderr line counts the MQTT
+       messages not acknowledged.
 
     When ``setup()``/``run()``/``teardown()`` have not ended ``stop_grace`` seconds after the
-    first request, the process exits the same way, but only after flushing within
-    ``--mqtt-flush-timeout``. A stop that arrives once ``run()`` has ended does not
-    change the exit code. Steps 3 and the grace end the process only under :meth:`main`;
+    first signal or the deadline, the process exits the same way, but after flushing within
+    ``--mqtt-flush-timeout``. Notes, step 3 and the grace apply under :meth:`main` only;
     :meth:`execute` (in-process runs) never ends the process.
 
     Example:
@@ -180,6 +181,7 @@ class _Run:
         self.flush_timeout = 5.0
         self.shutting_down = False
         self.forcing = False
+        self.noted = False  # a note was written straight to stderr
         #: The one-line reason of the outcome (the last stderr line of a non-zero exit).
         self.reason = ""
 
@@ -476,7 +478,7 @@ class _Run:
         except BaseException as exc:
             said_more = True
             self._say(f"warning: shutdown: {_one_line(exc)}")
-        if code != 0 and said_more and self.reason:
+        if code != 0 and (said_more or self.noted) and self.reason:
             # Every non-zero exit ends with its one-line reason.
             self._say(f"error: {self.reason}")
         return int(code)
@@ -502,7 +504,7 @@ class _Run:
                 self.request = TaskInterrupted(signum, name)
         if count == 1:
             self._start_grace()
-            if canceller.closed and self.process and not self.shutting_down:
+            if canceller.closed and self.process:
                 self._note(
                     f"note: {name} after run() ended: teardown and the flush go on and the "
                     "exit code stays; a third signal exits at once"
@@ -608,6 +610,7 @@ class _Run:
 
     def _note(self, text: str) -> None:
         """One line straight to fd 2: safe in a signal handler (no lock of ours or io's)."""
+        self.noted = True
         with contextlib.suppress(OSError):
             os.write(2, f"{self.prog}: {text}\n".encode(errors="replace"))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -354,3 +355,32 @@ def test_events_before_the_stop_reach_keeper_logger_on_a_forced_exit(
         names = [e["message"] for e in _events(stderr)]
         got = _wait_messages(col, set(names))
     assert set(names) <= set(got)
+
+
+def test_signal_during_the_exit_flush_keeps_its_bookkeeping(ca: trustme.CA) -> None:  # noqa: F811
+    """SIGTERM while the exit flush waits for acks: the flush ends normally and counts the loss.
+
+    The broker never acknowledges: the 5 events (and the KeeperLogger copies of the log
+    events) stay unacknowledged for the whole --mqtt-flush-timeout. The same run without a
+    signal gives the reference count; the signal must not change it, nor the exit code.
+    """
+    from tests.support.brokers import silent_server
+
+    args = ("--behaviour", "publish", "--count", "5", "--mqtt-flush-timeout", "3")
+    lost = re.compile(r": warning: (\d+) MQTT message\(s\) were not acknowledged before exit$")
+    with silent_server(connack=b"\x20\x02\x00\x00") as port:
+        settings = {"broker.host": "127.0.0.1", "broker.port": str(port), "broker.tls": "false"}
+        with FakeAgent(ca, settings) as server:
+            quiet = _run(server.base_url, *args)
+            proc = _popen(server.base_url, *args)
+            assert proc.stderr is not None
+            _wait_line(proc.stderr, "TEARDOWN")
+            proc.send_signal(signal.SIGTERM)
+            _wait_line(proc.stderr, "note: SIGTERM after run() ended")
+            _, rest = _finish(proc, timeout=60)
+    assert quiet.returncode == proc.returncode == ExitCode.SUCCESS, rest
+    reference = lost.search(_last_line(quiet.stderr))
+    counted = lost.search(_last_line(rest))
+    assert reference is not None and counted is not None, rest
+    assert int(reference.group(1)) >= 5
+    assert counted.group(1) == reference.group(1)
