@@ -688,19 +688,28 @@ class _Batcher:
         """
         with self._sink_lock:
             guard = _guard
+            items: list[Any] = []
+            write_later = False
             guard.depth += 1
             try:
                 with self._pending_lock:
                     items, self._pending = self._pending, []
                 if items and self._shield_sink:
                     self._sink(items)
-                    items = []
+                else:
+                    write_later = bool(items)
             finally:
                 guard.depth -= 1
-                if guard.depth == 0 and guard.deferred is not None:
+                # With items still to write, a deferred stop waits for the write below:
+                # raised here, it would drop them.
+                if not write_later and guard.depth == 0 and guard.deferred is not None:
                     _run_deferred()
-            if items:
-                self._sink(items)
+            if write_later:
+                try:
+                    self._sink(items)
+                finally:
+                    if guard.depth == 0 and guard.deferred is not None:
+                        _run_deferred()
 
     def close(self) -> None:
         """Stop the flusher thread and hand every pending item over; later items at once."""
