@@ -301,7 +301,6 @@ class Canceller:
         ours = isinstance(exc_type, type) and issubclass(exc_type, self._exc_type)
         if ours and not self._closed.is_set() and threading.current_thread() is self._thread:
             # A finalizer swallowed the stop; our caller is the code it interrupted.
-            self.redelivered += 1
             frame = sys._getframe(1)
             outer = _outermost_unsafe(frame)
             self._arm(outer.f_back if outer is not None else frame)
