@@ -25,7 +25,14 @@ POST        /api/Jobs/reload                           Admin   200
 ==========  =========================================  ======  ==================================
 
 ``GET /api/Jobs`` is Admin here, as in the HTTP reference (the Local Endpoints page says
-Plugin). A caller on the wrong tier gets 403 with ``{"error", "requiredTier", "message"}``.
+Plugin). A caller on the wrong tier gets 403 with ``{"error", "requiredTier", "message"}``
+(an Admin-tier call with a client certificate from another CA too).
+
+Where the reference is silent, ASP.NET Core's defaults: literal path segments match in any
+letter case and a trailing slash is accepted; a body not sent as JSON (``application/json``,
+``text/json``, ``*/*+json``) is 415; malformed JSON is 400 before any validation (for
+``/validate`` too). Every 400 has the ``/validate`` shape ``{valid, errors, warnings,
+jobId}``. An unexpected error is a JSON 500 naming it, never an HTML page.
 """
 
 from __future__ import annotations

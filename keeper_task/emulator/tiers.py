@@ -7,8 +7,9 @@
   The caller is identified from its loopback socket: the peer's port is looked up among the
   TCP connections of the registered PIDs and their descendants only (cheap: a handful of
   processes), never by scanning every process.
-* **Admin**: a client certificate issued by the emulator's admin CA. The TLS layer verifies
-  it; the tier check only asks whether a verified certificate was presented.
+* **Admin**: a client certificate issued by the emulator's admin CA. TLS accepts any client
+  certificate (:mod:`keeper_task.emulator.tls_front`) and checks it against the admin CA; a
+  missing or foreign certificate gets 403 on this tier only.
 
 ``trust_pids`` adds processes trusted as if launched (the test process itself, for tasks run
 in-process by :mod:`keeper_task.testing`). It is empty unless a caller sets it.
