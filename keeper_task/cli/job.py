@@ -5,10 +5,11 @@ Every agent call is Admin tier (mutual TLS). Credentials come from options or th
 ``KEEPER_ADMIN_KEY_PASSWORD`` (environment only: a password on the command line leaks into
 process listings and shell history), ``--ca-bundle``/``KEEPER_CA_BUNDLE``.
 
-Exit codes: 0 success; 1 the job is invalid, malformed or unreadable, or the agent refused
-the request with 400 (its ``errors`` are printed); otherwise the code of the
-:mod:`keeper_task.errors` class that ended the command: 64 usage, 68 unknown job id,
-69 agent unreachable or unexpected answer, 77 403 / client certificate refused,
+Exit codes: 0 success; 1 the job is invalid or malformed, or the agent refused the request
+with 400 (its ``errors`` are printed); otherwise the code of the :mod:`keeper_task.errors`
+class that ended the command: 64 usage (found before anything runs: bad option values, a
+missing or unreadable job file), 68 unknown job id, 69 agent unreachable, an unexpected
+answer, or another service at the URL, 77 403 / client certificate refused,
 78 settings (certificate/key/CA files, URL, agent root). Errors are one line on stderr.
 
 ``--json`` prints one JSON document on stdout, also on failure (see :data:`JSON_HELP`).
@@ -80,8 +81,9 @@ _JSON_ERROR = (
     '(deploy adds "steps") on stdout, and the message on stderr.'
 )
 _EXIT_HELP = (
-    "exit codes: 0 success; 1 job invalid, malformed or unreadable, or refused by the agent "
-    "with 400; 64 usage; 68 unknown job id; 69 agent unreachable or unexpected answer; "
+    "exit codes: 0 success; 1 job invalid or malformed, or refused by the agent with 400; "
+    "64 usage (bad option values, a missing or unreadable job file); 68 unknown job id; "
+    "69 agent unreachable, unexpected answer or another service at the URL; "
     "77 403 or client certificate refused; 78 certificate/key/CA files, URL or agent root"
 )
 
