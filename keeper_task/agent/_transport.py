@@ -12,8 +12,12 @@ timeout must mean; ``benchmarks/cold_start.py`` runs the hello task both ways in
   by one table (:data:`_ERRORS`), straight into :mod:`keeper_task.errors`, each re-raised
   ``from`` the original. (An httpx transport passed in by a caller, ``MockTransport`` for
   example, raises httpx errors; :mod:`keeper_task.agent._http` maps those with its own table.)
-* **Start-up cost.** httpcore, h11 and anyio are never imported: 15-20 ms less per task start
-  on the 2-core CI machine (measured: ``benchmarks/cold_start.py``, rows ``a`` and ``a2``).
+* **Start-up cost.** httpcore, h11 and anyio are never imported. Measured on the shared
+  2-core machine (``benchmarks/cold_start.py``, 31 rounds, load average ~4): building
+  ``httpx.HTTPTransport`` costs 22 ms (median; 17 ms at best) in a process that has already
+  imported keeper-task, ours 0 ms; the whole task start on httpx's transport (row ``a2``) was
+  60-65 ms slower than on ours (median of per-round differences, two runs). Never slower, so
+  the deadline above decides.
 
 httpx's ``Timeout`` is honoured as follows: the request's deadline is the largest of its
 connect/read/write values; each phase is also capped by its own value; ``pool`` bounds the
