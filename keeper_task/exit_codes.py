@@ -18,7 +18,8 @@ class ExitCode(enum.IntEnum):
     SUCCESS = 0
     #: The task ran and failed: ``ctx.fail()`` or :class:`~keeper_task.TaskFailed`.
     TASK_FAILED = 1
-    #: Bad command-line arguments (unknown option, missing ``--keeper-api-base``).
+    #: Bad command-line arguments (unknown option, missing value, missing
+    #: ``--keeper-api-base``); one plain ``PROG: error: ...`` line, never a log record.
     USAGE = 64
     #: The agent answered 404: unknown plugin name (or, for tooling, unknown job id).
     PLUGIN_NOT_FOUND = 68
@@ -31,11 +32,13 @@ class ExitCode(enum.IntEnum):
     BROKER_UNAVAILABLE = 75
     #: The agent kept answering 403 past the retry budget: the process is not trusted.
     NOT_TRUSTED = 77
-    #: Settings are invalid: environment, task settings, or the agent's settings map.
+    #: Settings are invalid: environment, task settings, CA bundle (one plain line, found
+    #: before the run starts), or the agent's settings map (a ``task.error`` event).
     BAD_SETTINGS = 78
     #: The task's own deadline (``--deadline``) ended the run.
     DEADLINE = 124
-    #: Base for "stopped by signal N": the process exits with ``128 + N``.
+    #: Base for "stopped by signal N": the process exits with ``128 + N`` (also when a
+    #: third signal or ``Task.stop_grace`` ends it at once; see ``Task``).
     SIGNAL_BASE = 128
 
 
