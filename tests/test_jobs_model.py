@@ -295,6 +295,8 @@ def test_keys_named_like_model_internals_stay_plain_unknown_keys(key: str) -> No
         ('{"priority": ' + "9" * 5000 + "}", "an integer has 5000 digits; at most 4300"),
         ('{"priority": -' + "9" * 4301 + "}", "an integer has 4301 digits"),
         ('{"priority": 1e999}', "the number 1e999 is out of range"),
+        ('{"name": "a\\ud800"}', "unpaired UTF-16 surrogate \\\\ud800"),
+        ('{"tasks": [{"\\udfff": 1}]}', "unpaired UTF-16 surrogate \\\\udfff"),
     ],
 )
 def test_numbers_python_cannot_hold_are_one_clear_error(text: str, message: str) -> None:

@@ -308,13 +308,15 @@ def parse_job_json(text: str | bytes, *, source: str = "<job>") -> Any:
             ) from exc
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(
+        value = json.loads(
             text,
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constants,
             parse_int=_bounded_int,
             parse_float=_finite_float,
         )
+        _no_lone_surrogates(value)
+        return value
     except json.JSONDecodeError as exc:
         raise JobDefinitionError(
             f"{source}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}"
@@ -339,6 +341,31 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             )
         result[key] = value
     return result
+
+
+def _no_lone_surrogates(value: Any) -> None:
+    # JSON can spell "\ud800" alone; no UTF-8 file (or .NET string on disk) can hold it.
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            texts = [item]
+        elif isinstance(item, dict):
+            texts = list(item)
+            todo.extend(item.values())
+            texts = [t for t in texts if isinstance(t, str)]
+        elif isinstance(item, list):
+            todo.extend(item)
+            continue
+        else:
+            continue
+        for text in texts:
+            bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is not None:
+                raise _StrictJsonError(
+                    f"a string holds the unpaired UTF-16 surrogate \\u{ord(bad):04x}, which "
+                    "cannot be stored as UTF-8; remove it or pair it"
+                )
 
 
 def _bounded_int(text: str) -> int:
