@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Broker",
     "BrokerPolicy",
+    "ClientIdCheck",
     "EmbeddedBroker",
     "ExternalBroker",
     "MosquittoBroker",
@@ -480,6 +481,10 @@ class EmbeddedBroker:
             return
         from amqtt.broker import Broker as AmqttBroker
 
+        certfile, keyfile = self.state.broker_cert_files()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile)
         _plugin_class()
         link = _PluginLink(self.policy)
         config = {
@@ -497,10 +502,6 @@ class EmbeddedBroker:
         if link.plugin is None:  # amqtt did not load it: nothing would be enforced
             await broker.shutdown()
             raise EmulatorError("embedded MQTT broker: amqtt did not load the emulator's plugin")
-        certfile, keyfile = self.state.broker_cert_files()
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certfile, keyfile)
         try:
             server = await asyncio.start_server(
                 self._serve_with(broker), self.host, self.port, ssl=ctx
@@ -527,6 +528,8 @@ class EmbeddedBroker:
                 await broker.external_connected(
                     StreamReaderAdapter(reader), StreamWriterAdapter(writer), "default"
                 )
+            except OSError:
+                pass  # a connection error ends this client; the socket is closed below
             finally:
                 self._connections.pop(task, None)
                 writer.close()
