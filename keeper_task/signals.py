@@ -192,7 +192,9 @@ class Canceller:
         self._interval = interval
         self._kick_signal = kick_signal
         self._thread = threading.current_thread()
-        self._lock = threading.Lock()
+        # Re-entrant: a handler running in the thread that holds it (a kick sent to oneself)
+        # takes it again in take_kick().
+        self._lock = threading.RLock()
         self._closed = threading.Event()
         self._pending = False
         self._kick = False
@@ -253,22 +255,26 @@ class Canceller:
             raise self._make_exc()
         self._arm(outer.f_back)
 
+    @defer_stop
     def kick(self) -> None:
         """Make the target thread raise the pending stop again (callable from any thread)."""
         ident = self._thread.ident
         with self._lock:
-            # Under the lock: close() cannot slip in between the check and the raise.
+            # Under the lock: close() cannot slip in between the check and the raise, so no
+            # re-raise reaches the thread once its owner restored the previous handlers.
             if self._closed.is_set() or not self._pending or ident is None:
                 return
             if self._kick_signal is None:
                 raise_in_thread(self._thread, self._exc_type)
-                return
-            self._kick = True
-        if hasattr(signal, "pthread_kill"):
-            # A real signal interrupts blocking calls (sleep, socket, lock waits) too.
-            signal.pthread_kill(ident, self._kick_signal)
-        else:  # Windows: handled at the main thread's next bytecode
-            _thread.interrupt_main(signal.Signals(self._kick_signal))
+            elif hasattr(signal, "pthread_kill"):
+                self._kick = True
+                # A real signal interrupts blocking calls (sleep, socket, lock waits) too;
+                # the handler only runs later, in the target thread, so holding the lock
+                # here cannot deadlock with take_kick().
+                signal.pthread_kill(ident, self._kick_signal)
+            else:  # Windows: handled at the main thread's next bytecode
+                self._kick = True
+                _thread.interrupt_main(signal.Signals(self._kick_signal))
 
     @defer_stop
     def close(self) -> None:
@@ -301,7 +307,10 @@ class Canceller:
         ours = isinstance(exc_type, type) and issubclass(exc_type, self._exc_type)
         if ours and not self._closed.is_set() and threading.current_thread() is self._thread:
             # A finalizer swallowed the stop; our caller is the code it interrupted.
-            frame = sys._getframe(1)
+            try:
+                frame: FrameType | None = sys._getframe(1)
+            except ValueError:  # called with no Python frame: only the kicker can help
+                return
             outer = _outermost_unsafe(frame)
             self._arm(outer.f_back if outer is not None else frame)
             return

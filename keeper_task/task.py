@@ -188,16 +188,19 @@ class _Run:
     # --- the run ------------------------------------------------------------------------
 
     def execute(self) -> int:
-        # Handlers first: a signal while arguments are parsed is a clean 128+N too.
-        self.handlers.install()
+        # Only the main thread receives signals; elsewhere re-raises are asynchronous
+        # exceptions (in-process runs in a worker thread).
+        in_main = threading.current_thread() is threading.main_thread()
         self.canceller = Canceller(
             self._cancelled,
             _Cancelled,
             interval=REDELIVER_INTERVAL,
-            kick_signal=signal.SIGINT if self.handlers.installed else None,
+            kick_signal=signal.SIGINT if in_main else None,
             defer=defer_until_safe,
         )
         try:
+            # Handlers before parsing: a signal while arguments are parsed is a clean 128+N.
+            self.handlers.install()
             return self._execute()
         except _Cancelled:  # stopped before logging was configured
             error = self._request_error()
@@ -491,8 +494,8 @@ class _Run:
     @defer_stop
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         canceller = self.canceller
-        if canceller is None:  # between installing the handlers and the canceller
-            raise _Cancelled()
+        if canceller is None:  # not reached: the canceller exists before the handlers
+            return
         if canceller.take_kick():  # our own re-delivery, not a new signal
             canceller.deliver(frame)
             return
