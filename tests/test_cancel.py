@@ -384,3 +384,14 @@ def test_signal_during_the_exit_flush_keeps_its_bookkeeping(ca: trustme.CA) -> N
     assert reference is not None and counted is not None, rest
     assert int(reference.group(1)) >= 5
     assert counted.group(1) == reference.group(1)
+
+
+def test_deadline_swallowed_forever_ends_with_124_after_the_grace(agent: FakeAgent) -> None:  # noqa: F811
+    """--deadline with a run() that swallows every stop: re-raised, then exit 124 by the grace."""
+    env = _env(SAMPLE_STOP_GRACE="2")
+    proc = _run(agent.base_url, "--behaviour", "swallow-all", "--deadline", "0.5", env=env)
+    assert proc.returncode == ExitCode.DEADLINE, proc.stderr
+    assert proc.stderr.count("SWALLOWED") >= 2
+    last = _last_line(proc.stderr)
+    assert last.startswith(f"{PROG}: error: deadline of 0.5 s exceeded: ")
+    assert "did not end within 2 s (stop_grace)" in last
