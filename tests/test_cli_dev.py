@@ -471,7 +471,12 @@ def test_dev_run_without_argument_runs_the_projects_source(tmp_path: Path) -> No
     for key in ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE", "PYTHONPATH"):
         env.pop(key, None)
     host = scaffold.current_os()
-    for cwd, args in ((project, []), (tmp_path, ["demo-task"])):
+    # In the project, in one of its sub-directories (found upwards), and given as DIR.
+    for cwd, args, where, source in (
+        (project, [], "", "src/demo_task"),
+        (project / "src", [], f"{project}/", "demo_task"),
+        (tmp_path, ["demo-task"], "demo-task/", "demo-task/src/demo_task"),
+    ):
         result = run_captured(
             [sys.executable, "-m", "keeper_task.cli", "dev", "run", *args],
             env=env,
@@ -479,12 +484,11 @@ def test_dev_run_without_argument_runs_the_projects_source(tmp_path: Path) -> No
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        where = f"{args[0]}/" if args else ""
         assert result.stderr.splitlines()[:2] == [
             f"keeper-task: job {where}jobs/{host}/demo-task.json (the project's job for {host} "
             "(pyproject.toml))",
             f"keeper-task: task run: running {sys.executable} -m demo_task (no 'DemoTask' "
-            f"binary yet: the project's source {where}src/demo_task with this Python; "
+            f"binary yet: the project's source {source} with this Python; "
             "`keeper-task build` makes the binary)",
         ]
         logs = [ln for ln in result.stdout.splitlines() if ln.startswith("[KeeperLogger]")]

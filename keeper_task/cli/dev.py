@@ -612,10 +612,7 @@ def _project_of(job_file: Path) -> _Project | None:
     """The project a job file belongs to: the first directory above it with a pyproject.toml."""
     for parent in job_file.resolve().parents:
         if (parent / "pyproject.toml").is_file():
-            project = _read_project(parent)
-            if project is not None and parent in job_file.resolve().parents:
-                return project
-            return None
+            return _read_project(parent)
     return None
 
 
@@ -653,8 +650,13 @@ def _locate_job(arg: str | None) -> tuple[Path, _Project | None, str | None]:
                 "(the current directory)"
             )
     base = Path(arg) if arg is not None else Path.cwd()
-    where = _shown(base)
     project = _read_project(base)
+    if project is None and arg is None and not (base / "job.json").is_file():
+        # Somewhere inside a project (src/, tests/): its root, as git finds its repository.
+        project = _project_of(base / "job.json")
+        if project is not None:
+            base = project.root
+    where = _shown(base)
     os_name = current_os()
     if project is not None:
         job = project.jobs_dir / os_name / f"{project.job_id}.json"
