@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import Field, SecretStr
 
 from keeper_task import ExitCode, SettingsError, TaskSettings, UsageError
@@ -459,3 +462,34 @@ def test_parser_usage_errors_are_one_plain_line_exit_64(tmp_path: Path) -> None:
         assert proc.stderr.startswith(f"{python} probe.py: error: ")
     assert "missing --keeper-api-base" in missing.stderr
     assert "unrecognized arguments: --bogus" in bogus.stderr
+
+
+_LIMITS = {
+    "--http-timeout": (0.0, False, 3600.0),
+    "--mqtt-connect-timeout": (0.0, False, 3600.0),
+    "--mqtt-flush-timeout": (0.0, True, 3600.0),
+    "--trust-timeout": (0.0, True, 86400.0),
+    "--connect-retry-timeout": (0.0, True, 3600.0),
+    "--deadline": (0.0, False, 2592000.0),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    option=st.sampled_from(sorted(_LIMITS)),
+    value=st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 3600.0]),
+)
+def test_any_number_is_accepted_in_range_or_refused_with_78(option: str, value: float) -> None:
+    """Whatever number is given (huge, tiny, negative, nan, inf), the outcome is the value
+    in its range or SettingsError (78) naming the option, never another exception."""
+    low, low_ok, high = _LIMITS[option]
+    inside = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
+    try:
+        parsed = parse_settings(TaskSettings, [BASE, f"{option}={value!r}"])
+    except SettingsError as exc:
+        assert not inside
+        assert str(exc).startswith(f"invalid setting {option} ")
+        assert exc.exit_code == 78
+    else:
+        assert inside
+        assert getattr(parsed, option[2:].replace("-", "_")) == value
