@@ -347,6 +347,47 @@ def test_embedded_broker_port_in_use_is_one_clear_error() -> None:
             Emulator(broker_port=port).__enter__()
 
 
+def test_the_emulator_reaches_amqtt_only_through_public_names() -> None:
+    """No underscore attribute of another object is read, no amqtt class but the plugin bases
+    is subclassed, and no private amqtt method is overridden (so an amqtt release cannot
+    silently change what the emulator relies on)."""
+    import ast
+
+    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+    from keeper_task.emulator import broker
+
+    tree = ast.parse(Path(broker.__file__).read_text())
+    private = [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    ]
+    assert private == []
+    plugin = broker._plugin_class()
+    assert [b.__name__ for b in plugin.__bases__] == ["BaseAuthPlugin", "BaseTopicPlugin"]
+    overridden = [
+        name
+        for name in vars(plugin)
+        if name.startswith("_")
+        and not name.startswith("__")
+        and (hasattr(BaseAuthPlugin, name) or hasattr(BaseTopicPlugin, name))
+    ]
+    assert overridden == []
+    subclasses = [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and any(
+            "Amqtt" in ast.unparse(base) or ast.unparse(base) == "Broker" for base in node.bases
+        )
+    ]
+    assert subclasses == []
+
+
 def test_topic_matching_and_broker_spec() -> None:
     """Permission entries match exactly or as MQTT filters; --broker forms parse."""
     assert topic_allowed("KeeperLogger", ["KeeperLogger"])
