@@ -307,7 +307,8 @@ def program_name() -> str:
     * a frozen binary (PyInstaller): the binary's own name (what the job's command runs),
       without ``.exe``;
     * ``python -m pkg``: ``python -m pkg`` (what argparse itself shows from Python 3.14);
-    * a script: ``python script.py``, because ``script`` alone is not a command;
+    * a script: ``python script.py``, because ``script`` alone is not a command
+      (``python -c`` for code given with ``-c``);
     * an installed launcher (console script): its name.
     """
     python = Path(sys.executable).name.removesuffix(".exe") or "python"
@@ -317,6 +318,8 @@ def program_name() -> str:
     if spec is not None and spec.name:
         return f"{python} -m {spec.name.removesuffix('.__main__')}"
     arg0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if arg0 == "-c":
+        return f"{python} -c"
     if arg0.endswith((".py", ".pyw", ".pyz")):
         return f"{python} {arg0}"
     return arg0.removesuffix(".exe") or python
@@ -393,7 +396,7 @@ def build_parser(
         usage=f"{usage} [options]",
         description=plain_text(description) if description else None,
         allow_abbrev=False,
-        add_help=True,
+        add_help=False,  # -h goes last, below the options a reader came for
     )
     sections = {
         "required": parser.add_argument_group("required options"),
@@ -408,6 +411,9 @@ def build_parser(
         else:
             section = sections["own"]
         _add_option(section, settings_cls, field_name, field, field_name in required)
+    sections["framework"].add_argument(
+        "-h", "--help", action="help", help="Show this help and exit."
+    )
     return parser
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -373,6 +374,7 @@ def test_help_marks_required_options_first_and_shows_plain_text(
     assert raw.startswith("usage: demo --keeper-api-base URL [options]")
     assert out.index("required options:") < out.index("task options:")
     assert out.index("task options:") < out.index("keeper-task options:")
+    assert out.index("keeper-task options:") < out.index("-h, --help")  # help last
     assert "--keeper-api-base URL (required) The agent's HTTPS API base URL" in out
     assert "Scans with do_scan and --fast." in out
     assert "Level for scan (see Scan)." in out
@@ -402,6 +404,22 @@ def test_frozen_binary_is_named_after_itself(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sys, "executable", str(Path("C:/Jobs/bin/DemoTask/DemoTask.exe")))
     monkeypatch.setattr(sys, "argv", ["DemoTask"])
     assert program_name() == "DemoTask"
+
+
+@pytest.mark.parametrize(
+    ("argv0", "expected"),
+    [("/opt/x/probe.py", "probe.py"), ("-c", "-c"), ("/usr/local/bin/demo-task", "demo-task")],
+)
+def test_script_and_launcher_names(
+    monkeypatch: pytest.MonkeyPatch, argv0: str, expected: str
+) -> None:
+    """A script is `python script.py` (`python -c` for -c); a console-script launcher is its
+    own name."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.setattr(sys, "argv", [argv0])
+    python = Path(sys.executable).name
+    wanted = expected if argv0.startswith("/usr") else f"{python} {expected}"
+    assert program_name() == wanted
 
 
 _HELP_PROBE = """
