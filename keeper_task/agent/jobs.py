@@ -124,7 +124,7 @@ class JobsClient(AgentClient):
         key_password: Password of an encrypted ``client_key``.
         ca_bundle: PEM CA bundle to verify the agent; without it TLS is unverified, which
             is allowed toward loopback only.
-        timeout: Seconds per request.
+        timeout: Seconds one request may take in all (connect, TLS, headers, whole body).
         transport: An httpx transport (``httpx.MockTransport`` in unit tests).
 
     Raises:
