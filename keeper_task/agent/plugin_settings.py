@@ -4,9 +4,10 @@ Only a process the agent launched may call it. Right after the launch the agent 
 registered the PID yet and answers 403 for a moment, so every call retries 403, 5xx, timeouts
 and dropped connections with jittered exponential backoff inside a time budget (see
 :mod:`keeper_task.agent.retry`). A refused connection is retried only within the policy's
-shorter ``refused_budget``: the agent's API is up before it launches a task, so nothing
-listening means a wrong port or no agent. Errors that retrying cannot fix (400 and other 4xx,
-404, a malformed body, a rejected certificate) end the call at once.
+shorter ``refused_budget``: we assume (the agent does not document it) that its API is up
+before it launches a task, so nothing listening means a wrong port or no agent. Errors that
+retrying cannot fix (400 and other 4xx, 404, a malformed body, a rejected certificate) end the
+call at once.
 
 Three parts of the API are undocumented; the choices made here are:
 

@@ -3,8 +3,9 @@
 Used for the agent's startup window: a task the agent just launched can get 403 from the
 Plugin-tier API until its PID lands in the launched-process registry, and the agent may still
 be starting (5xx). The agent documents no numbers, so the defaults are our choice: 0.25 s
-doubling up to 5 s, for at most 30 s in total; a refused connection only for 3 s (the agent's
-API is up before it launches a task, so "refused" means a wrong port or no agent).
+doubling up to 5 s, for at most 30 s in total; a refused connection only for 3 s (assumed,
+not documented by the agent: its API is up before it launches a task, so "refused" means a
+wrong port or no agent).
 
 The budget is one monotonic deadline that includes the last attempt: a retryable error is
 retried as long as any budget is left, and the last wait is shortened to end at the
