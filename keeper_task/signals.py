@@ -165,6 +165,7 @@ class Canceller:
     The owner installs a signal handler (:class:`SignalHandlers`) that calls
     :meth:`request` and then :meth:`deliver`, and that first asks :meth:`take_kick` whether
     the signal is only this object waking the main thread to raise the stop again.
+    Re-raises in the main thread use ``kick_signal`` (SIGINT for the task runtime).
 
     Args:
         make_exc: Builds the exception that stops the work (a ``BaseException``).
@@ -231,11 +232,18 @@ class Canceller:
         return True
 
     @defer_stop
-    def take_kick(self) -> bool:
-        """Return True (once) when the signal being handled is a re-delivery of ours."""
+    def take_kick(self, signum: int) -> bool:
+        """Return True (once) when signal ``signum`` being handled is a re-delivery of ours.
+
+        Only a signal of the kick's own number can be one: another stop signal is always a
+        new one. (A kick and a real signal of the same number arriving together are one
+        signal for the OS; that one then counts as the kick.)
+        """
         with self._lock:
-            kick, self._kick = self._kick, False
-        return kick
+            if not self._kick or signum != self._kick_signal:
+                return False
+            self._kick = False
+        return True
 
     @defer_stop
     def deliver(self, frame: FrameType | None) -> None:

@@ -496,7 +496,7 @@ class _Run:
         canceller = self.canceller
         if canceller is None:  # not reached: the canceller exists before the handlers
             return
-        if canceller.take_kick():  # our own re-delivery, not a new signal
+        if canceller.take_kick(signum):  # our own re-delivery, not a new signal
             canceller.deliver(frame)
             return
         name = signal.Signals(signum).name

@@ -29,7 +29,7 @@ def canceller() -> Iterator[Canceller]:
     cancel = Canceller(_Stop, _Stop, interval=3600, kick_signal=signal.SIGUSR1)
 
     def handler(signum: int, frame: Any) -> None:
-        cancel.take_kick()
+        cancel.take_kick(signum)
         cancel.request()
         cancel.deliver(frame)
 
