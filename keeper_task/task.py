@@ -588,6 +588,8 @@ class _Run:
         def finish() -> None:
             if log is not None:
                 log.error("task.stop_forced", reason=why, exit_code=code)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()  # os._exit() skips it: the task's own output comes out
             if pipeline is not None:
                 pipeline.flush()  # hand pending events to MQTT (and to stderr)
             if mqtt is not None:
