@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,15 +103,34 @@ class HttpsServer:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if exc_type is None and self._server.errors:
+            raise self._server.errors[0]  # a bug in a test's route fails that test
 
 
 class _OwnedServer(ThreadingHTTPServer):
     owner: HttpsServer
+    errors: list[BaseException]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors = []
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client going away mid-request is routine here; anything else is kept.
+
+        socketserver would print every handler exception to stderr — often after the test's
+        output capture ended — so a client that gives up (a timeout under test, a task that
+        was killed) showed as a stray "Exception occurred during processing of request".
+        """
+        exc = sys.exc_info()[1]
+        if exc is None or isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
+            return
+        self.errors.append(exc)
 
 
 def _encode(payload: Any) -> tuple[bytes, str]:
