@@ -45,7 +45,13 @@ from keeper_task.errors import (
 )
 from keeper_task.exit_codes import ExitCode
 from keeper_task.log_schema import KeeperLogSchema
-from keeper_task.logging import LogPipeline, configure_logging, defer_until_safe
+from keeper_task.logging import (
+    LogPipeline,
+    configure_logging,
+    defer_until_safe,
+    redact,
+    redacted_traceback,
+)
 from keeper_task.mqtt import MqttClient, build_client_id
 from keeper_task.settings import TaskSettings, parse_settings, program_name
 from keeper_task.signals import Canceller, SignalHandlers, defer_stop, stop_boundary
@@ -441,7 +447,7 @@ class _Run:
             return int(exc.exit_code)
         # Uncaught: the traceback is logged as its own event, then one line for the operator.
         self.reason = _one_line(exc)
-        log.error("task.traceback", traceback="".join(traceback.format_exception(exc)))
+        log.error("task.traceback", traceback=redacted_traceback(exc))
         log.error(
             "task.crashed",
             error=type(exc).__name__,
@@ -470,11 +476,7 @@ class _Run:
                 # Lines the pipeline would write at interpreter exit come now: the last
                 # stderr lines stay ours.
                 said_more = said_more or self.pipeline.after_detach > 0
-                report = getattr(self.pipeline, "report_late", None)
-                if report is None:
-                    report = getattr(self.pipeline, "_report_late", None)
-                if report is not None:
-                    report()
+                self.pipeline.report_late()
             if lost:
                 said_more = True
                 self._say(f"warning: {lost} MQTT message(s) were not acknowledged before exit")
@@ -666,6 +668,8 @@ def _host_of(url: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """``Type: first line of the message``, secrets in the exception's args redacted."""
+    shown = redact(exc)  # the redacted message when the args hold a secret, else exc itself
+    text = (shown if isinstance(shown, str) else str(exc)).strip().splitlines()
     detail = text[0] if text else ""
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -139,6 +139,29 @@ def test_uncaught_exception_logs_traceback_and_one_line(agent: FakeAgent) -> Non
     assert "TEARDOWN" in proc.stderr
 
 
+def test_secret_in_an_uncaught_exception_reaches_neither_output(
+    ca: trustme.CA, amqtt_broker: BrokerBase
+) -> None:
+    """An exception whose args hold a secret: its traceback and one-line reason are redacted
+    on stderr and on KeeperLogger alike; the run still exits 70 with the error named."""
+    token = "tok-3f9c1e77d2"
+    with (
+        FakeAgent(ca, _settings_for(amqtt_broker)) as server,
+        amqtt_broker.collect("KeeperLogger") as col,
+    ):
+        proc = _run(server.base_url, "--behaviour", "crash-secret", "--api-token", token)
+        assert proc.returncode == ExitCode.UNCAUGHT_EXCEPTION, proc.stderr
+        messages = _wait_messages(col, {"task.traceback", "task.crashed"})
+    assert {"task.traceback", "task.crashed"} <= set(messages)
+    assert token not in proc.stderr
+    assert all(token.encode() not in payload for payload in col.payloads)
+    last = json.loads(_last_line(proc.stderr))
+    assert last["message"] == "task.crashed"
+    assert "ValueError" in last["properties"]["reason"]
+    assert "[redacted]" in last["properties"]["reason"]
+    assert "[redacted]" in proc.stderr.split("Traceback (most recent call last)", 1)[1]
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

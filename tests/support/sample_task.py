@@ -21,6 +21,7 @@ class SampleSettings(TaskSettings):
         "fail",
         "publish-fail",
         "crash",
+        "crash-secret",
         "sleep",
         "swallow",
         "publish",
@@ -115,6 +116,9 @@ class Sample(Task[SampleSettings]):
             ctx.fail("inventory incomplete")
         elif behaviour == "crash":
             raise ZeroDivisionError("boom")
+        elif behaviour == "crash-secret":
+            # A library error carrying the settings it was given, secrets included.
+            raise ValueError({"api.token": ctx.settings.api_token, "host": "example"})
         elif behaviour == "sleep":
             print("READY", flush=True)
             time.sleep(3600)  # the work "hangs": ended by a signal or the deadline
