@@ -3,10 +3,10 @@
 Installed with keeper-task (entry point ``pytest11``), so the fixtures below exist in every
 pytest session; nothing heavy is imported until a fixture or function is used.
 
-Fixtures:
-    ``agent``: a running :class:`~keeper_task.emulator.Emulator` (HTTPS API + embedded MQTT
+Fixtures (prefixed ``keeper_`` so they never shadow or collide with a project's own):
+    ``keeper_agent``: a running :class:`~keeper_task.emulator.Emulator` (HTTPS API + embedded MQTT
         broker enforcing the agent's rules, temporary state), one per test.
-    ``agent_session``: the same, shared by the whole session (faster; records accumulate, a
+    ``keeper_agent_session``: the same, shared by the whole session (faster; records accumulate, a
         :class:`TaskResult` only holds what its own run produced).
 
 Functions and classes:
@@ -44,8 +44,8 @@ Example::
     from keeper_task.testing import run_task
     from my_task import Hello
 
-    def test_hello(agent):
-        result = run_task(agent, Hello)
+    def test_hello(keeper_agent):
+        result = run_task(keeper_agent, Hello)
         assert result.exit_code == 0
         assert "hello" in result.messages
 """
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     )
     from keeper_task.jobs import Job
 
-__all__ = ["TaskResult", "agent", "agent_session", "default_job", "run_task"]
+__all__ = ["TaskResult", "default_job", "keeper_agent", "keeper_agent_session", "run_task"]
 
 _AGENT_ENV = ("KEEPER_JOB_ID", "KEEPER_JOB_NAME", "KEEPER_API_BASE")
 
@@ -94,14 +94,14 @@ def _emulator_class() -> type[Emulator]:
 
 
 @pytest.fixture
-def agent() -> Iterator[Emulator]:
+def keeper_agent() -> Iterator[Emulator]:
     """A running emulator (embedded broker, temporary state) for one test."""
     with _emulator_class()() as emulator:
         yield emulator
 
 
 @pytest.fixture(scope="session")
-def agent_session() -> Iterator[Emulator]:
+def keeper_agent_session() -> Iterator[Emulator]:
     """A running emulator shared by the whole test session."""
     with _emulator_class()() as emulator:
         yield emulator
@@ -214,7 +214,7 @@ def run_task(
     """Run ``task`` once under ``agent`` as the agent's job runner would.
 
     Args:
-        agent: A running emulator (the ``agent`` or ``agent_session`` fixture).
+        agent: A running emulator (the ``keeper_agent`` or ``keeper_agent_session`` fixture).
         task: A Task subclass (in-process), a ``.py`` file, a command sequence or a binary.
         job: The job to run it as (default :func:`default_job`); only its first task is
             used in-process, every task for a subprocess.

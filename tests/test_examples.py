@@ -42,10 +42,10 @@ def _events(result: Any, job_id: str) -> list[dict[str, Any]]:
     return [m.json() for m in result.publishes if m.topic == f"Jobs/{job_id}/events"]
 
 
-def test_inventory_reports_progress_and_results(agent: Any, scan_dir: Path) -> None:
+def test_inventory_reports_progress_and_results(keeper_agent: Any, scan_dir: Path) -> None:
     """Inventory publishes progress on its event topic and the largest items to KeeperLogger."""
     result = run_task(
-        agent,
+        keeper_agent,
         INVENTORY / "task.py",
         job=INVENTORY / "job.json",
         args=["--scan-dir", str(scan_dir), "--max-items", "2"],
@@ -65,10 +65,10 @@ def test_inventory_reports_progress_and_results(agent: Any, scan_dir: Path) -> N
     assert not result.denied
 
 
-def test_inventory_dry_run_publishes_no_events(agent: Any, scan_dir: Path) -> None:
+def test_inventory_dry_run_publishes_no_events(keeper_agent: Any, scan_dir: Path) -> None:
     """``--dry-run`` (here via its env variable) still logs but publishes nothing on the topic."""
     result = run_task(
-        agent,
+        keeper_agent,
         INVENTORY / "task.py",
         job=INVENTORY / "job.json",
         args=["--scan-dir", str(scan_dir)],
@@ -79,10 +79,10 @@ def test_inventory_dry_run_publishes_no_events(agent: Any, scan_dir: Path) -> No
     assert _events(result, "inventory-report") == []
 
 
-def test_inventory_rejects_a_missing_directory(agent: Any, tmp_path: Path) -> None:
+def test_inventory_rejects_a_missing_directory(keeper_agent: Any, tmp_path: Path) -> None:
     """A scan directory that does not exist is an expected failure with its own exit code."""
     result = run_task(
-        agent,
+        keeper_agent,
         INVENTORY / "task.py",
         job=INVENTORY / "job.json",
         args=["--scan-dir", str(tmp_path / "nope")],
@@ -91,10 +91,10 @@ def test_inventory_rejects_a_missing_directory(agent: Any, tmp_path: Path) -> No
     assert "not a directory" in result.log("task.failed")["properties"]["reason"]
 
 
-def test_inventory_bad_max_items_is_a_settings_error(agent: Any) -> None:
+def test_inventory_bad_max_items_is_a_settings_error(keeper_agent: Any) -> None:
     """``--max-items 0`` is refused before run() with the bad-settings exit code."""
     result = run_task(
-        agent, INVENTORY / "task.py", job=INVENTORY / "job.json", args=["--max-items", "0"]
+        keeper_agent, INVENTORY / "task.py", job=INVENTORY / "job.json", args=["--max-items", "0"]
     )
     assert result.exit_code == 78
     assert "--max-items" in result.stderr
@@ -109,8 +109,8 @@ def test_plugin_settings_exercises_the_whole_api(tmp_path: Path) -> None:
     (plugins / "KeeperTaskDemo.json").write_text(
         (PLUGIN / "plugins" / "KeeperTaskDemo.json").read_text()
     )
-    with Emulator(plugins_dir=plugins) as agent:
-        first = run_task(agent, PLUGIN / "task.py", job=PLUGIN / "job.json")
+    with Emulator(plugins_dir=plugins) as keeper_agent:
+        first = run_task(keeper_agent, PLUGIN / "task.py", job=PLUGIN / "job.json")
         assert first.exit_code == 0, first.stderr
         assert first.log("settings.read")["properties"]["runs"] == 0
         assert sorted(first.log("settings.written")["properties"]["changed"]) == [
@@ -118,7 +118,7 @@ def test_plugin_settings_exercises_the_whole_api(tmp_path: Path) -> None:
             "demo.runs",
         ]
         second = run_task(
-            agent, PLUGIN / "task.py", job=PLUGIN / "job.json", args=["--reset", "--reset-all"]
+            keeper_agent, PLUGIN / "task.py", job=PLUGIN / "job.json", args=["--reset", "--reset-all"]
         )
         assert second.exit_code == 0, second.stderr
         # The counter survived between runs (PUT), then --reset reverted it to the disk value.

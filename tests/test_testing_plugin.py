@@ -64,116 +64,116 @@ def _settings_requests(result: TaskResult) -> list[tuple[int, str | None]]:
     return [(r.status, r.fault) for r in result.requests if r.path == SETTINGS]
 
 
-def test_in_process_run_trusts_this_process_only_while_it_runs(agent: Emulator) -> None:
+def test_in_process_run_trusts_this_process_only_while_it_runs(keeper_agent: Emulator) -> None:
     """A Task class runs in-process; its logs, publishes and requests (by this PID) are kept."""
-    result = run_task(agent, Greeter)
+    result = run_task(keeper_agent, Greeter)
     assert result.exit_code == 0, result.stderr
     assert result.log("greeting")["properties"]["broker"] == "127.0.0.1"
     assert [m.topic for m in result.publishes] == ["Jobs/test-task/events"]
     assert result.requests[0].caller == f"pid {os.getpid()}"
     assert result.denied == []
-    with agent.http_client() as client:  # trust ended with the run
+    with keeper_agent.http_client() as client:  # trust ended with the run
         assert client.get(SETTINGS).status_code == 403
 
 
-def test_subprocess_run_of_the_hello_example(agent_session: Emulator) -> None:
+def test_subprocess_run_of_the_hello_example(keeper_agent_session: Emulator) -> None:
     """A .py file runs as a launched subprocess with the job's arguments; its run is returned."""
-    result = run_task(agent_session, HELLO_SCRIPT)
+    result = run_task(keeper_agent_session, HELLO_SCRIPT)
     assert result.exit_code == 0, result.stderr
     assert "hello" in result.messages
     assert result.run is not None and result.run.tasks[0].pid != os.getpid()
     assert '"message":"hello"' in result.stderr.replace(" ", "")
 
 
-def test_scripted_403_then_success(agent: Emulator) -> None:
+def test_scripted_403_then_success(keeper_agent: Emulator) -> None:
     """faults.forbid(requests=2): the runtime's startup retry gets through on the third try."""
-    agent.faults.forbid(requests=2)
-    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    keeper_agent.faults.forbid(requests=2)
+    result = run_task(keeper_agent, HELLO_SCRIPT, env=FAST)
     assert result.exit_code == 0, result.stderr
     assert _settings_requests(result) == [(403, "forbid 403"), (403, "forbid 403"), (200, None)]
 
 
-def test_scripted_5xx_then_success(agent: Emulator) -> None:
+def test_scripted_5xx_then_success(keeper_agent: Emulator) -> None:
     """faults.fail(503): a 5xx is retried like the agent restarting."""
-    agent.faults.fail(503, requests=1)
-    result = run_task(agent, Greeter, env=FAST)
+    keeper_agent.faults.fail(503, requests=1)
+    result = run_task(keeper_agent, Greeter, env=FAST)
     assert result.exit_code == 0, result.stderr
     assert _settings_requests(result) == [(503, "status 503"), (200, None)]
 
 
-def test_malformed_settings_fail_the_start(agent: Emulator) -> None:
+def test_malformed_settings_fail_the_start(keeper_agent: Emulator) -> None:
     """faults.malformed_settings(): truncated JSON makes the task fail to start (non-zero)."""
-    agent.faults.malformed_settings(requests=10)
-    result = run_task(agent, Greeter, env=FAST)
+    keeper_agent.faults.malformed_settings(requests=10)
+    result = run_task(keeper_agent, Greeter, env=FAST)
     assert result.exit_code != 0
     assert _settings_requests(result)[0] == (200, "malformed 200")
     assert result.logs == []
 
 
-def test_broker_down_fails_with_broker_unavailable(agent: Emulator) -> None:
+def test_broker_down_fails_with_broker_unavailable(keeper_agent: Emulator) -> None:
     """stop_broker(): the task cannot connect and exits with the broker-unavailable code."""
-    agent.stop_broker()
-    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    keeper_agent.stop_broker()
+    result = run_task(keeper_agent, HELLO_SCRIPT, env=FAST)
     assert result.exit_code == 75, result.stderr
     assert result.logs == []
 
 
-def test_broker_restart_mid_run(agent: Emulator, tmp_path: Path) -> None:
+def test_broker_restart_mid_run(keeper_agent: Emulator, tmp_path: Path) -> None:
     """faults.restart_broker_after(1): a launched task loses the broker, reconnects (still
     trusted), and a publish made while it was down is delivered after the restart."""
-    agent.faults.restart_broker_after(messages=1)
-    result = run_task(agent, _script(tmp_path, RESTART_TASK), env=FAST)
+    keeper_agent.faults.restart_broker_after(messages=1)
+    result = run_task(keeper_agent, _script(tmp_path, RESTART_TASK), env=FAST)
     assert result.exit_code == 0, result.stderr
-    assert any("broker restarted" in n.text for n in agent.notices)
+    assert any("broker restarted" in n.text for n in keeper_agent.notices)
     assert [m.json() for m in result.publishes] == [{"sent": "while the broker was down"}]
     assert "mqtt.reconnected" in result.messages and "after-restart" in result.messages
     assert result.denied == []
 
 
-def test_publish_with_wait_rides_out_a_broker_restart(agent: Emulator, tmp_path: Path) -> None:
+def test_publish_with_wait_rides_out_a_broker_restart(keeper_agent: Emulator, tmp_path: Path) -> None:
     """publish(wait=True) made while the broker is down blocks until the reconnect delivers
     and acknowledges it, instead of failing at once (paho's own wait raises then)."""
-    agent.faults.restart_broker_after(messages=1)
-    result = run_task(agent, _script(tmp_path, RESTART_WAIT_TASK), env=FAST)
+    keeper_agent.faults.restart_broker_after(messages=1)
+    result = run_task(keeper_agent, _script(tmp_path, RESTART_WAIT_TASK), env=FAST)
     assert result.exit_code == 0, result.stderr
     assert [m.json() for m in result.publishes] == [{"sent": "while the broker was down"}]
     assert "after-restart" in result.messages
 
 
-def test_403_for_some_requests_then_success(agent: Emulator) -> None:
+def test_403_for_some_requests_then_success(keeper_agent: Emulator) -> None:
     """faults.forbid(requests=N): a launched task is refused N times, then trusted.
 
     Counted in requests, not seconds: a time window would start before the child has even
     imported, and on a loaded machine could end before its first request.
     """
-    agent.faults.forbid(requests=3)
-    result = run_task(agent, HELLO_SCRIPT, env=FAST)
+    keeper_agent.faults.forbid(requests=3)
+    result = run_task(keeper_agent, HELLO_SCRIPT, env=FAST)
     assert result.exit_code == 0, result.stderr
     statuses = _settings_requests(result)
     assert statuses == [(403, "forbid 403")] * 3 + [(200, None)]
     assert "hello" in result.messages
 
 
-def test_403_forever_exits_not_trusted(agent: Emulator) -> None:
+def test_403_forever_exits_not_trusted(keeper_agent: Emulator) -> None:
     """403 past the runtime's trust budget: the launched task exits 77, every request 403."""
-    agent.faults.forbid(seconds=60)
-    result = run_task(agent, HELLO_SCRIPT, env={**FAST, "KEEPER_TASK_TRUST_TIMEOUT": "0.5"})
+    keeper_agent.faults.forbid(seconds=60)
+    result = run_task(keeper_agent, HELLO_SCRIPT, env={**FAST, "KEEPER_TASK_TRUST_TIMEOUT": "0.5"})
     assert result.exit_code == 77, result.stderr
     assert {status for status, _ in _settings_requests(result)} == {403}
     assert "not launched by the agent" in result.stderr
     assert result.logs == []
 
 
-def test_malformed_settings_as_a_launched_task(agent: Emulator) -> None:
-    """Truncated settings JSON exits 69 (a bad answer from the agent); settings that parse
+def test_malformed_settings_as_a_launched_task(keeper_agent: Emulator) -> None:
+    """Truncated settings JSON exits 69 (a bad answer from the keeper_agent); settings that parse
     but hold an invalid broker.port exit 78 (bad settings)."""
-    agent.faults.malformed_settings(requests=10)
-    truncated = run_task(agent, HELLO_SCRIPT, env=FAST)
-    agent.faults.clear()
-    agent.faults.malformed_settings(
+    keeper_agent.faults.malformed_settings(requests=10)
+    truncated = run_task(keeper_agent, HELLO_SCRIPT, env=FAST)
+    keeper_agent.faults.clear()
+    keeper_agent.faults.malformed_settings(
         requests=10, body={"broker.host": "127.0.0.1", "broker.port": "not-a-port"}
     )
-    invalid = run_task(agent, HELLO_SCRIPT, env=FAST)
+    invalid = run_task(keeper_agent, HELLO_SCRIPT, env=FAST)
     assert truncated.exit_code == 69, truncated.stderr
     assert "not valid JSON" in truncated.stderr
     assert invalid.exit_code == 78, invalid.stderr
@@ -187,22 +187,22 @@ def test_registration_delay_gives_startup_403(tmp_path: Path) -> None:
     registration itself once the emulator has refused the task twice."""
     job = default_job()
     results: list[TaskResult] = []
-    with Emulator(register_delay=3600) as agent:
+    with Emulator(register_delay=3600) as keeper_agent:
         env = {**FAST, "KEEPER_TASK_TRUST_TIMEOUT": "120"}  # never the budget that ends it
         runner = threading.Thread(
-            target=lambda: results.append(run_task(agent, HELLO_SCRIPT, job=job, env=env))
+            target=lambda: results.append(run_task(keeper_agent, HELLO_SCRIPT, job=job, env=env))
         )
         runner.start()
         refused: list[RequestRecord] = []
         for _ in range(3000):  # up to 60 s for two refused requests (a count, not a window)
-            refused = [r for r in agent.requests if r.path == SETTINGS and r.status == 403]
+            refused = [r for r in keeper_agent.requests if r.path == SETTINGS and r.status == 403]
             if len(refused) >= 2 or not runner.is_alive():
                 break
             time.sleep(0.02)
         assert len(refused) >= 2
         pid = refused[0].pid
         assert pid is not None
-        agent.registry.register(pid, job["id"])  # the registration lands now
+        keeper_agent.registry.register(pid, job["id"])  # the registration lands now
         runner.join(120)
     (result,) = results
     statuses = [status for status, _ in _settings_requests(result)]
