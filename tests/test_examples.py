@@ -118,7 +118,10 @@ def test_plugin_settings_exercises_the_whole_api(tmp_path: Path) -> None:
             "demo.runs",
         ]
         second = run_task(
-            keeper_agent, PLUGIN / "task.py", job=PLUGIN / "job.json", args=["--reset", "--reset-all"]
+            keeper_agent,
+            PLUGIN / "task.py",
+            job=PLUGIN / "job.json",
+            args=["--reset", "--reset-all"],
         )
         assert second.exit_code == 0, second.stderr
         # The counter survived between runs (PUT), then --reset reverted it to the disk value.

@@ -130,7 +130,9 @@ def test_broker_restart_mid_run(keeper_agent: Emulator, tmp_path: Path) -> None:
     assert result.denied == []
 
 
-def test_publish_with_wait_rides_out_a_broker_restart(keeper_agent: Emulator, tmp_path: Path) -> None:
+def test_publish_with_wait_rides_out_a_broker_restart(
+    keeper_agent: Emulator, tmp_path: Path
+) -> None:
     """publish(wait=True) made while the broker is down blocks until the reconnect delivers
     and acknowledges it, instead of failing at once (paho's own wait raises then)."""
     keeper_agent.faults.restart_broker_after(messages=1)
