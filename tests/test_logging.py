@@ -627,7 +627,7 @@ def test_critical_section_defers_an_action_until_it_ends() -> None:
     assert not in_critical_section()
 
 
-def test_run_task_restores_the_structlog_configuration(agent) -> None:
+def test_run_task_restores_the_structlog_configuration(keeper_agent) -> None:
     """After an in-process run_task, structlog logs where it did before, not into the dead
     StringIO the run captured."""
     before = io.StringIO()
@@ -638,7 +638,7 @@ def test_run_task_restores_the_structlog_configuration(agent) -> None:
         def run(self, ctx: TaskContext) -> None:
             ctx.log.info("inside")
 
-    result = run_task(agent, Quiet)
+    result = run_task(keeper_agent, Quiet)
     assert result.exit_code == 0, result.stderr
     assert "inside" in result.stderr
     assert structlog.get_config() == config
