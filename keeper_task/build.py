@@ -38,11 +38,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from keeper_task import scaffold
-from keeper_task.errors import BuildError, SettingsError, UsageError
+from keeper_task.errors import KeeperTaskError, SettingsError, UsageError
+from keeper_task.exit_codes import ExitCode
 from keeper_task.scaffold import check_command, check_job_id, current_os
 
 __all__ = [
     "TOOLING_PACKAGES",
+    "BuildError",
     "BuildProject",
     "BuildResult",
     "build_project",
@@ -51,6 +53,13 @@ __all__ = [
     "make_bundle",
     "unsigned_notice",
 ]
+
+
+class BuildError(KeeperTaskError):
+    """Packaging a task failed (tooling): build environment, pip, PyInstaller, signing."""
+
+    exit_code = ExitCode.UNCAUGHT_EXCEPTION
+
 
 #: Distributions that must never be frozen into a task binary unless the project itself
 #: depends on them: keeper-task's tooling extras, test tools, and CLI libraries httpx would load.

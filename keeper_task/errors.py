@@ -25,10 +25,18 @@ re-raised ``from`` the original so the cause stays in the traceback::
     │   └── PublishError             a publish was not acknowledged in time  exit 70
     ├── JobDefinitionError           a job JSON file cannot be read or parsed  exit 78
     ├── EmulatorError                the local agent emulator cannot do it  exit 69
+    │                                (tooling: defined in keeper_task.emulator.errors)
     ├── BuildError                   packaging a task failed (pip, PyInstaller) exit 70
+    │                                (tooling: defined in keeper_task.build)
     ├── TaskFailed                   ``ctx.fail()``: an expected task failure  exit 1
     ├── DeadlineExceeded             the task's own deadline passed          exit 124
     └── TaskInterrupted              SIGTERM / SIGINT / CTRL_BREAK           exit 128+N
+
+Task code sees only the runtime's errors (exported from :mod:`keeper_task`); deployment's
+(``JobDefinitionError``, ``JobNotFoundError``, ``ValidationFailedError``) are exported from
+:mod:`keeper_task.jobs`. The tooling errors live next to their tooling, so that this module
+stays runtime-only; ``keeper_task.errors.EmulatorError``/``BuildError`` still resolve, with a
+``DeprecationWarning``, until 0.3.
 
 ``exit_code`` on each class is what :meth:`keeper_task.Task.main` exits with when that
 error ends a run; any other exception ends a run with 70 (uncaught).
@@ -46,6 +54,28 @@ from typing import Any, ClassVar
 
 from keeper_task.exit_codes import ExitCode, signal_exit_code
 
+#: Tooling errors that 0.1 defined here: where they live now (the old names go away in 0.3).
+_MOVED = {
+    "EmulatorError": "keeper_task.emulator.errors",
+    "BuildError": "keeper_task.build",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keeper_task.errors' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(
+        f"keeper_task.errors.{name} moved to {module}.{name} (the old name goes away in 0.3)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "AgentError",
     "AgentNotListeningError",
@@ -53,9 +83,7 @@ __all__ = [
     "AgentTimeoutError",
     "AgentUnreachableError",
     "BrokerUnavailableError",
-    "BuildError",
     "DeadlineExceeded",
-    "EmulatorError",
     "JobDefinitionError",
     "JobNotFoundError",
     "KeeperTaskError",
@@ -225,21 +253,6 @@ class JobDefinitionError(KeeperTaskError):
     """A job definition could not be read: missing file, malformed JSON, wrong shape."""
 
     exit_code = ExitCode.BAD_SETTINGS
-
-
-class EmulatorError(KeeperTaskError):
-    """The local agent emulator (tooling) cannot do what was asked.
-
-    Port in use, broker failed to start, task binary not found, unreadable state directory.
-    """
-
-    exit_code = ExitCode.AGENT_UNREACHABLE
-
-
-class BuildError(KeeperTaskError):
-    """Packaging a task failed (tooling): build environment, pip, PyInstaller, signing."""
-
-    exit_code = ExitCode.UNCAUGHT_EXCEPTION
 
 
 class TaskFailed(KeeperTaskError):

@@ -87,8 +87,8 @@ def _emulator_class() -> type[Emulator]:
         if exc.name is None or exc.name.startswith("keeper_task"):
             raise
         raise ImportError(
-            f"keeper_task.testing needs the [dev] extra (module {exc.name!r} is missing): "
-            "pip install 'keeper-task[dev]'"
+            f"keeper_task.testing needs the [emulator] extra (module {exc.name!r} is missing): "
+            "pip install 'keeper-task[emulator]'"
         ) from exc
     return Emulator
 

@@ -49,9 +49,7 @@ _MISSING_TOOL = ("mosquitto", "curl", "not installed", "not found")
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """With KEEPER_TASK_REQUIRE_TOOLS=1, a skip for a missing tool is a failure."""
     report = yield
     if report.skipped and os.environ.get("KEEPER_TASK_REQUIRE_TOOLS") == "1":

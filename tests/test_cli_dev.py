@@ -405,8 +405,8 @@ def test_dev_run_unstartable_task_gives_one_line(tmp_path: Path, case: str) -> N
     _assert_clean(tmp_path)
 
 
-def test_dev_without_the_dev_extra_says_what_to_install(tmp_path: Path) -> None:
-    """Without the [dev] extra's packages, `dev run` prints one line naming the extra."""
+def test_dev_without_the_emulator_extra_says_what_to_install(tmp_path: Path) -> None:
+    """Without the [emulator] extra's packages, `dev run` prints one line naming the extra."""
     code = (
         "import sys; sys.modules['aiohttp'] = None\n"  # as if aiohttp were not installed
         "from keeper_task.cli import main\n"
@@ -417,8 +417,8 @@ def test_dev_without_the_dev_extra_says_what_to_install(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "keeper-task: error: keeper-task dev needs the [dev] extra (module 'aiohttp' is "
-        "missing): pip install 'keeper-task[dev]'"
+        "keeper-task: error: keeper-task dev needs the [emulator] extra (module 'aiohttp' is "
+        "missing): pip install 'keeper-task[emulator]'"
     ]
 
 

@@ -13,7 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from keeper_task.emulator import Emulator, parse_broker_spec, topic_allowed
-from keeper_task.errors import EmulatorError
+from keeper_task.emulator.errors import EmulatorError
 from tests.support.emulator import MQTT_PROBE, PYTHON, job_data, write_script
 
 

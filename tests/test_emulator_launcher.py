@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from keeper_task.emulator import EXIT_NOT_STARTED, EXIT_TIMEOUT, Emulator, build_argv
+from keeper_task.emulator.errors import EmulatorError
 from keeper_task.emulator.launcher import resolve_task_command
-from keeper_task.errors import EmulatorError
 from keeper_task.jobs import JobTask
 from tests.support.emulator import PYTHON, job_data
 

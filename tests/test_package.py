@@ -106,3 +106,21 @@ def test_old_deployment_names_still_resolve_with_a_deprecation_warning() -> None
     assert old is jobs.load_job
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = keeper_task.nope  # type: ignore[attr-defined]
+
+
+def test_tooling_errors_live_next_to_their_tooling() -> None:
+    """EmulatorError and BuildError are the emulator's and build's; the runtime's errors
+    module keeps the old names only as deprecated aliases, and the emulator's error imports
+    without the [emulator] extra (so `keeper-task dev` can say which extra is missing)."""
+    import keeper_task.build
+    import keeper_task.errors
+    from keeper_task.emulator.errors import EmulatorError
+
+    assert "EmulatorError" not in keeper_task.errors.__all__
+    assert "BuildError" not in keeper_task.errors.__all__
+    assert issubclass(EmulatorError, keeper_task.KeeperTaskError)
+    assert issubclass(keeper_task.build.BuildError, keeper_task.KeeperTaskError)
+    with pytest.warns(DeprecationWarning, match=r"keeper_task\.emulator\.errors"):
+        assert keeper_task.errors.EmulatorError is EmulatorError  # type: ignore[attr-defined]
+    loaded = _modules_after("import keeper_task.emulator.errors")
+    assert not any(m.split(".")[0] in {"aiohttp", "amqtt", "psutil"} for m in loaded)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from keeper_task.emulator import Emulator
+from keeper_task.emulator.errors import EmulatorError
 from keeper_task.emulator.schedule import CronError, CronExpression
-from keeper_task.errors import EmulatorError
 from tests.support.emulator import job_data, write_job
 
 

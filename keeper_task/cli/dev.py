@@ -50,7 +50,8 @@ from typing import Any, TextIO
 
 from keeper_task.cli import missing_command
 from keeper_task.cli.job import parse_context
-from keeper_task.errors import EmulatorError, JobDefinitionError, UsageError
+from keeper_task.emulator.errors import EmulatorError
+from keeper_task.errors import JobDefinitionError, UsageError
 from keeper_task.exit_codes import signal_exit_code
 from keeper_task.signals import InterruptOnce
 
@@ -514,15 +515,15 @@ def _check_runnable(executable: str, command: str | None, *, from_task_option: b
 
 
 def _require_dev_extra() -> None:
-    """Fail with one line when the ``[dev]`` extra (aiohttp, amqtt, psutil, trustme) is missing."""
+    """Fail with one line when the ``[emulator]`` extra (aiohttp, amqtt, ...) is missing."""
     try:
-        import keeper_task.emulator  # noqa: F401
+        import keeper_task.emulator.core  # noqa: F401  (the package itself imports lazily)
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.startswith("keeper_task"):
             raise
         raise EmulatorError(
-            f"keeper-task dev needs the [dev] extra (module {exc.name!r} is missing): "
-            "pip install 'keeper-task[dev]'"
+            f"keeper-task dev needs the [emulator] extra (module {exc.name!r} is missing): "
+            "pip install 'keeper-task[emulator]'"
         ) from exc
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keeper_task.errors import EmulatorError
+from keeper_task.emulator.errors import EmulatorError
 
 __all__ = [
     "CONTEXT_MODES",

@@ -52,9 +52,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from keeper_task.emulator.errors import EmulatorError
 from keeper_task.emulator.records import BrokerMessage, DeniedOperation, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
-from keeper_task.errors import EmulatorError
 from keeper_task.topics import topic_allowed
 
 if TYPE_CHECKING:

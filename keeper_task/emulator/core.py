@@ -34,6 +34,7 @@ from keeper_task.emulator.broker import (
     MosquittoBroker,
     parse_broker_spec,
 )
+from keeper_task.emulator.errors import EmulatorError
 from keeper_task.emulator.faults import Faults
 from keeper_task.emulator.launcher import JobRun, Launcher, new_run_id
 from keeper_task.emulator.records import (
@@ -49,7 +50,7 @@ from keeper_task.emulator.settings_store import AGENT_PLUGIN, SettingsStore, set
 from keeper_task.emulator.state import EmulatorState
 from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.emulator.tls_front import TlsFront
-from keeper_task.errors import EmulatorError, JobDefinitionError
+from keeper_task.errors import JobDefinitionError
 
 if TYPE_CHECKING:
     import httpx

@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from keeper_task.emulator.behaviour import AgentBehaviour
+from keeper_task.emulator.errors import EmulatorError
 from keeper_task.emulator.records import Notice, OutputLine, Recorder
 from keeper_task.emulator.tiers import ProcessRegistry
-from keeper_task.errors import EmulatorError
 from keeper_task.jobs.validate import API_BASE_TOKEN
 
 if TYPE_CHECKING:

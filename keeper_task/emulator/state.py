@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trustme
 
-from keeper_task.errors import EmulatorError
+from keeper_task.emulator.errors import EmulatorError
 
 __all__ = ["SERVER_NAMES", "EmulatorState"]
 
