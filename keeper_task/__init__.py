@@ -24,7 +24,9 @@ from keeper_task.agent_settings import AgentSettings
 from keeper_task.context import TaskContext
 from keeper_task.errors import (
     AgentError,
+    AgentNotListeningError,
     AgentResponseError,
+    AgentTimeoutError,
     AgentUnreachableError,
     BrokerUnavailableError,
     DeadlineExceeded,
@@ -35,6 +37,7 @@ from keeper_task.errors import (
     NotTrustedError,
     PluginNotFoundError,
     PublishError,
+    RequestRejectedError,
     SettingsError,
     TaskFailed,
     TaskInterrupted,
@@ -84,8 +87,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AgentError",
+    "AgentNotListeningError",
     "AgentResponseError",
     "AgentSettings",
+    "AgentTimeoutError",
     "AgentUnreachableError",
     "BrokerUnavailableError",
     "DeadlineExceeded",
@@ -103,6 +108,7 @@ __all__ = [
     "PluginNotFoundError",
     "PluginSettingsClient",
     "PublishError",
+    "RequestRejectedError",
     "RetryPolicy",
     "SettingsError",
     "Task",
