@@ -1,6 +1,6 @@
 """The ``Task`` base class: from the agent's launch to ``run(ctx)`` and a clean exit code.
 
-One run, in order (see DESIGN.md "Data flow"):
+One run, in order (docs/architecture.md, "The data flow of one run"):
 
 1. argv + environment -> the task's :class:`~keeper_task.TaskSettings` (bad input: exit 64/78);
 2. logging to stderr (structlog), signal handlers, the optional deadline timer;
