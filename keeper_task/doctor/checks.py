@@ -306,32 +306,63 @@ class _Run:
         self.add(name, "skip", why)
 
 
+@dataclass
+class _Context:
+    """What earlier checks learned that later ones need."""
+
+    options: DoctorOptions
+    os_name: str
+    root: Path
+    https_port: int = DEFAULT_HTTPS_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    broker_section: Mapping[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    base_url: str = ""
+    port_source: str = ""
+    #: The CA bundle later calls verify with (None once it failed to verify the agent).
+    bundle: str | None = None
+    reachable: bool = False
+    admin: JobsClient | None = None
+    broker_settings: dict[str, str] | None = None
+
+
 def run_checks(options: DoctorOptions) -> list[Check]:
     """Run every check against the agent described by ``options``; never raises."""
     run = _Run()
-    timeout = options.timeout
-    os_name = normalize_os(options.os_name) if options.os_name else host_os()
-
-    # 1. agent root and appsettings.json
     root, source = find_agent_root(options.agent_root)
-    root_ok = root.is_dir()
-    if root_ok:
-        run.add("agent root", "pass", f"{root} ({source})")
+    ctx = _Context(options, normalize_os(options.os_name) if options.os_name else host_os(), root)
+    _check_agent_root(run, ctx, source)
+    _check_appsettings(run, ctx)
+    _check_https_port(run, ctx)
+    _check_http_port(run, ctx)
+    _check_public_tier(run, ctx)
+    _decide_reachable(run, ctx)
+    _check_admin_tier(run, ctx)
+    _check_plugin_tier(run, ctx)
+    _check_jobs(run, ctx)
+    _check_broker(run, options, ctx.broker_settings, ctx.broker_section, options.timeout)
+    return run.checks
+
+
+def _check_agent_root(run: _Run, ctx: _Context, source: str) -> None:
+    if ctx.root.is_dir():
+        run.add("agent root", "pass", f"{ctx.root} ({source})")
     else:
         run.add(
             "agent root",
             "fail",
-            f"{root} ({source}) is not a directory",
+            f"{ctx.root} ({source}) is not a directory",
             "pass --agent-root (or KEEPER_AGENT_ROOT) with the folder that holds the agent "
             "service executable and appsettings.json",
         )
-    https_port: int | None = DEFAULT_HTTPS_PORT
-    http_port: int | None = DEFAULT_HTTP_PORT
-    broker_section: Mapping[str, Any] = {}
-    settings_file = root / "appsettings.json"
-    if not root_ok:
+
+
+def _check_appsettings(run: _Run, ctx: _Context) -> None:
+    settings_file = ctx.root / "appsettings.json"
+    if "agent root" in run.failed:
         run.skip("appsettings.json", "no agent root")
-    elif not settings_file.is_file():
+        return
+    if not settings_file.is_file():
         run.add(
             "appsettings.json",
             "fail",
@@ -339,225 +370,247 @@ def run_checks(options: DoctorOptions) -> list[Check]:
             "pass --agent-root with the folder of the agent service executable "
             "(appsettings.json sits next to it)",
         )
-    else:
-        try:
-            data = read_appsettings(settings_file)
-        except SettingsError as exc:
-            run.add(
-                "appsettings.json",
-                "fail",
-                str(exc),
-                "repair the file (the agent reads it at service start) or restore it",
-            )
-        else:
-            section = _section(data, "Settings")
-            problems = []
-            found_https, problem = _port_value(section, "KestrelHttpsPort")
-            if problem:
-                problems.append(problem)
-            found_http, problem = _port_value(section, "KestrelHttpPort")
-            if problem:
-                problems.append(problem)
-            https_port = found_https or DEFAULT_HTTPS_PORT
-            http_port = found_http or DEFAULT_HTTP_PORT
-            broker_section = _section(data, "MqttBrokerSettings")
-            detail = (
-                f"{settings_file}: HTTPS port {https_port}"
-                f"{'' if found_https else ' (default)'}, HTTP port {http_port}"
-                f"{'' if found_http else ' (default)'}"
-            )
-            if problems:
-                run.add(
-                    "appsettings.json",
-                    "fail",
-                    f"{settings_file}: {'; '.join(problems)}",
-                    "set Settings:KestrelHttpsPort/KestrelHttpPort to integers in 1024-65535 "
-                    "and restart the agent service",
-                )
-            else:
-                run.add("appsettings.json", "pass", detail)
+        return
+    try:
+        data = read_appsettings(settings_file)
+    except SettingsError as exc:
+        run.add(
+            "appsettings.json",
+            "fail",
+            str(exc),
+            "repair the file (the agent reads it at service start) or restore it",
+        )
+        return
+    _check_settings_ports(run, ctx, settings_file, data)
 
-    # 2. the HTTPS API address
-    if options.url:
+
+def _check_settings_ports(
+    run: _Run, ctx: _Context, settings_file: Path, data: Mapping[str, Any]
+) -> None:
+    section = _section(data, "Settings")
+    found_https, https_problem = _port_value(section, "KestrelHttpsPort")
+    found_http, http_problem = _port_value(section, "KestrelHttpPort")
+    problems = [p for p in (https_problem, http_problem) if p]
+    ctx.https_port = found_https or DEFAULT_HTTPS_PORT
+    ctx.http_port = found_http or DEFAULT_HTTP_PORT
+    ctx.broker_section = _section(data, "MqttBrokerSettings")
+    if problems:
+        run.add(
+            "appsettings.json",
+            "fail",
+            f"{settings_file}: {'; '.join(problems)}",
+            "set Settings:KestrelHttpsPort/KestrelHttpPort to integers in 1024-65535 "
+            "and restart the agent service",
+        )
+        return
+    detail = (
+        f"{settings_file}: HTTPS port {ctx.https_port}"
+        f"{'' if found_https else ' (default)'}, HTTP port {ctx.http_port}"
+        f"{'' if found_http else ' (default)'}"
+    )
+    run.add("appsettings.json", "pass", detail)
+
+
+def _resolve_api_address(ctx: _Context) -> None:
+    """Host, port and base URL of the HTTPS API: ``--url``, else appsettings.json."""
+    if ctx.options.url:
         import httpx
 
         try:
-            url = httpx.URL(options.url)
+            url = httpx.URL(ctx.options.url)
         except httpx.InvalidURL:
             url = httpx.URL("https://invalid")
-        host = url.host or "127.0.0.1"
-        https_port = url.port or 443
-        base_url = f"https://{host}:{https_port}"
-        port_source = "--url"
+        ctx.host = url.host or "127.0.0.1"
+        ctx.https_port = url.port or 443
+        ctx.port_source = "--url"
     else:
-        host = "127.0.0.1"
-        base_url = f"https://{host}:{https_port}"
-        port_source = "Settings:KestrelHttpsPort"
-    why = _listens(host, int(https_port or 0), timeout)
+        ctx.host = "127.0.0.1"
+        ctx.port_source = "Settings:KestrelHttpsPort"
+    ctx.base_url = f"https://{ctx.host}:{ctx.https_port}"
+
+
+def _check_https_port(run: _Run, ctx: _Context) -> None:
+    _resolve_api_address(ctx)
+    why = _listens(ctx.host, ctx.https_port, ctx.options.timeout)
     if why is None:
-        run.add("https port", "pass", f"{host}:{https_port} listens ({port_source})")
+        run.add("https port", "pass", f"{ctx.host}:{ctx.https_port} listens ({ctx.port_source})")
     else:
         run.add(
             "https port",
             "fail",
-            f"nothing accepts connections on {host}:{https_port} ({port_source}): {why}",
+            f"nothing accepts connections on {ctx.host}:{ctx.https_port} "
+            f"({ctx.port_source}): {why}",
             "start the agent service, or point doctor at the right port "
             "(--url, or Settings:KestrelHttpsPort in appsettings.json)",
         )
-    https_up = "https port" not in run.failed
-    if options.url:
-        run.skip("http port", "--url given; the HTTP port of appsettings.json is not used")
-    else:
-        why = _listens("127.0.0.1", int(http_port or 0), timeout)
-        if why is None:
-            run.add(
-                "http port", "pass", f"127.0.0.1:{http_port} listens (Settings:KestrelHttpPort)"
-            )
-        else:
-            run.add(
-                "http port",
-                "warn",
-                f"nothing accepts connections on 127.0.0.1:{http_port}: {why}",
-                "only matters to tools that use the HTTP endpoint (it redirects to HTTPS; "
-                "keeper-task never uses it)",
-            )
 
-    # 3. public tier, TLS certificate
-    plain_ctx: ssl.SSLContext | None = None
-    if https_up:
-        try:
-            plain_ctx = client_ssl_context(host=host)
-        except SettingsError:
-            plain_ctx = None
-    if not https_up:
+
+def _check_http_port(run: _Run, ctx: _Context) -> None:
+    if ctx.options.url:
+        run.skip("http port", "--url given; the HTTP port of appsettings.json is not used")
+        return
+    why = _listens("127.0.0.1", ctx.http_port, ctx.options.timeout)
+    if why is None:
+        run.add(
+            "http port", "pass", f"127.0.0.1:{ctx.http_port} listens (Settings:KestrelHttpPort)"
+        )
+    else:
+        run.add(
+            "http port",
+            "warn",
+            f"nothing accepts connections on 127.0.0.1:{ctx.http_port}: {why}",
+            "only matters to tools that use the HTTP endpoint (it redirects to HTTPS; "
+            "keeper-task never uses it)",
+        )
+
+
+def _check_public_tier(run: _Run, ctx: _Context) -> None:
+    """``health`` and ``tls certificate``; both need the HTTPS port to listen."""
+    if "https port" in run.failed:
         run.skip("health", "the HTTPS port does not listen")
         run.skip("tls certificate", "the HTTPS port does not listen")
+        return
+    _check_health(run, ctx)
+    _check_tls_certificate(run, ctx)
+
+
+def _check_health(run: _Run, ctx: _Context) -> None:
+    try:
+        plain_ctx: ssl.SSLContext | None = client_ssl_context(host=ctx.host)
+    except SettingsError:
+        plain_ctx = None
+    try:
+        with _http(ctx.base_url, plain_ctx, ctx.options, "Public") as http:
+            response = http.request("GET", "/health", what="GET /health")
+        run.add("health", "pass", f"GET {ctx.base_url}/health answered {response.status_code}")
+    except KeeperTaskError as exc:
+        run.add(
+            "health",
+            "fail",
+            str(exc),
+            "check that the agent service runs and that this port is its HTTPS API",
+        )
+
+
+def _check_tls_certificate(run: _Run, ctx: _Context) -> None:
+    ca_bundle = ctx.options.ca_bundle
+    try:
+        info, verified, error = certificate_report(
+            ctx.host, ctx.https_port, ca_bundle, ctx.options.timeout
+        )
+    except SettingsError as exc:
+        run.add("tls certificate", "fail", str(exc), "pass a readable PEM file to --ca-bundle")
+        return
+    described = _cert_text(info)
+    if verified is None:
+        expired = bool(info.get("_expired"))
+        run.add(
+            "tls certificate",
+            "fail" if expired else "pass",
+            f"{described}; not verified (no --ca-bundle: unverified TLS, loopback only)",
+            "restart the agent service (it regenerates its certificate at start)"
+            if expired
+            else "",
+        )
+    elif verified:
+        run.add("tls certificate", "pass", f"{described}; verified by {ca_bundle}")
     else:
-        try:
-            with _http(base_url, plain_ctx, options, "Public") as http:
-                response = http.request("GET", "/health", what="GET /health")
-            run.add("health", "pass", f"GET {base_url}/health answered {response.status_code}")
-        except KeeperTaskError as exc:
-            run.add(
-                "health",
-                "fail",
-                str(exc),
-                "check that the agent service runs and that this port is its HTTPS API",
-            )
-        try:
-            info, verified, error = certificate_report(
-                host, int(https_port or 0), options.ca_bundle, timeout
-            )
-        except SettingsError as exc:
-            run.add("tls certificate", "fail", str(exc), "pass a readable PEM file to --ca-bundle")
-        else:
-            described = _cert_text(info)
-            if verified is None:
-                run.add(
-                    "tls certificate",
-                    "pass" if not info.get("_expired") else "fail",
-                    f"{described}; not verified (no --ca-bundle: unverified TLS, loopback only)",
-                    ""
-                    if not info.get("_expired")
-                    else "restart the agent service (it regenerates its certificate at start)",
-                )
-            elif verified:
-                run.add("tls certificate", "pass", f"{described}; verified by {options.ca_bundle}")
-            else:
-                run.add(
-                    "tls certificate",
-                    "fail",
-                    f"{described}; NOT verified by {options.ca_bundle}: {error}",
-                    "export the agent's current CA bundle again (the agent regenerates its "
-                    "certificate at every start), or omit --ca-bundle to use unverified TLS "
-                    "on loopback",
-                )
+        run.add(
+            "tls certificate",
+            "fail",
+            f"{described}; NOT verified by {ca_bundle}: {error}",
+            "export the agent's current CA bundle again (the agent regenerates its "
+            "certificate at every start), or omit --ca-bundle to use unverified TLS "
+            "on loopback",
+        )
+
+
+def _decide_reachable(run: _Run, ctx: _Context) -> None:
     # Later calls verify with the bundle only if it works; on loopback they fall back to the
     # agent's documented unverified mode so one bad bundle gives one ✗ line, not five.
-    bundle = options.ca_bundle if "tls certificate" not in run.failed else None
-    reachable = https_up and "health" not in run.failed
-    if reachable and bundle is None and not is_loopback_host(host):
-        reachable = False
+    ctx.bundle = ctx.options.ca_bundle if "tls certificate" not in run.failed else None
+    ctx.reachable = "https port" not in run.failed and "health" not in run.failed
+    if ctx.reachable and ctx.bundle is None and not is_loopback_host(ctx.host):
+        ctx.reachable = False
 
-    # 4. Admin tier
-    admin: JobsClient | None = None
-    if not reachable:
+
+def _check_admin_tier(run: _Run, ctx: _Context) -> None:
+    options = ctx.options
+    if not ctx.reachable:
         run.skip("admin tier", "the API is not reachable")
-    elif not options.client_cert:
+        return
+    if not options.client_cert:
         run.skip("admin tier", "no --cert given (GET /api/Jobs needs the admin client certificate)")
+        return
+    try:
+        admin = JobsClient(
+            ctx.base_url,
+            client_cert=options.client_cert,
+            client_key=options.client_key,
+            key_password=options.key_password,
+            ca_bundle=ctx.bundle,
+            timeout=options.timeout,
+        )
+        listing = admin.list()
+    except SettingsError as exc:
+        run.add("admin tier", "fail", str(exc), "check the --cert/--key paths and the key password")
+    except NotTrustedError as exc:
+        run.add(
+            "admin tier",
+            "fail",
+            f"client certificate {options.client_cert} refused: {exc}",
+            "use the admin client certificate issued for this agent by your Keeper "
+            "deployment team (from a CA the agent trusts, not expired)",
+        )
+    except AgentError as exc:
+        run.add("admin tier", "fail", str(exc), "check that the agent service runs")
     else:
-        try:
-            admin = JobsClient(
-                base_url,
-                client_cert=options.client_cert,
-                client_key=options.client_key,
-                key_password=options.key_password,
-                ca_bundle=bundle,
-                timeout=timeout,
-            )
-            listing = admin.list()
-            run.add("admin tier", "pass", f"GET /api/Jobs answered: {len(listing.jobs)} job(s)")
-        except SettingsError as exc:
-            admin = None
-            run.add(
-                "admin tier", "fail", str(exc), "check the --cert/--key paths and the key password"
-            )
-        except NotTrustedError as exc:
-            admin = None
-            run.add(
-                "admin tier",
-                "fail",
-                f"client certificate {options.client_cert} refused: {exc}",
-                "use the admin client certificate issued for this agent by your Keeper "
-                "deployment team (from a CA the agent trusts, not expired)",
-            )
-        except AgentError as exc:
-            admin = None
-            run.add("admin tier", "fail", str(exc), "check that the agent service runs")
+        ctx.admin = admin
+        run.add("admin tier", "pass", f"GET /api/Jobs answered: {len(listing.jobs)} job(s)")
 
-    # 5. Plugin tier must refuse this process
-    broker_settings: dict[str, str] | None = None
-    if not reachable:
+
+def _check_plugin_tier(run: _Run, ctx: _Context) -> None:
+    if not ctx.reachable:
         run.skip("plugin tier", "the API is not reachable")
+        return
+    try:
+        ssl_ctx = client_ssl_context(host=ctx.host, ca_bundle=ctx.bundle)
+        with PluginSettingsClient(
+            ctx.base_url,
+            ssl_context=ssl_ctx,
+            timeout=ctx.options.timeout,
+            retry=RetryPolicy(budget=0),
+        ) as plugin:
+            ctx.broker_settings = plugin.get_all(AGENT_PLUGIN)
+    except NotTrustedError:
+        run.add(
+            "plugin tier",
+            "pass",
+            f"GET /api/PluginSettings/{AGENT_PLUGIN} refused this shell with 403, as it "
+            "must (only processes the agent launched may read it)",
+        )
+    except KeeperTaskError as exc:
+        run.add("plugin tier", "fail", str(exc), "check that the agent service runs")
     else:
-        try:
-            ctx = client_ssl_context(host=host, ca_bundle=bundle)
-            with PluginSettingsClient(
-                base_url, ssl_context=ctx, timeout=timeout, retry=RetryPolicy(budget=0)
-            ) as plugin:
-                broker_settings = plugin.get_all(AGENT_PLUGIN)
-        except NotTrustedError:
-            run.add(
-                "plugin tier",
-                "pass",
-                f"GET /api/PluginSettings/{AGENT_PLUGIN} refused this shell with 403, as it "
-                "must (only processes the agent launched may read it)",
-            )
-        except KeeperTaskError as exc:
-            run.add("plugin tier", "fail", str(exc), "check that the agent service runs")
-        else:
-            run.add(
-                "plugin tier",
-                "fail",
-                f"GET /api/PluginSettings/{AGENT_PLUGIN} answered this process (it should "
-                "answer only processes the agent launched)",
-                "run doctor from a plain administrator shell; if it already is one, review "
-                "Settings:AlternativeSignatures in appsettings.json",
-            )
+        run.add(
+            "plugin tier",
+            "fail",
+            f"GET /api/PluginSettings/{AGENT_PLUGIN} answered this process (it should "
+            "answer only processes the agent launched)",
+            "run doctor from a plain administrator shell; if it already is one, review "
+            "Settings:AlternativeSignatures in appsettings.json",
+        )
 
-    # 6. job files
-    jobs_dir = root / "Jobs"
+
+def _check_jobs(run: _Run, ctx: _Context) -> None:
+    jobs_dir = ctx.root / "Jobs"
     files = sorted(jobs_dir.glob("*.json")) if jobs_dir.is_dir() else []
     if not files:
         run.skip("jobs", f"no job files in {jobs_dir}")
     for path in files:
-        _check_job_file(run, path, root, os_name, admin)
-    if admin is not None:
-        admin.close()
-
-    # 7. broker port
-    _check_broker(run, options, broker_settings, broker_section, timeout)
-    return run.checks
+        _check_job_file(run, path, ctx.root, ctx.os_name, ctx.admin)
+    if ctx.admin is not None:
+        ctx.admin.close()
 
 
 @contextlib.contextmanager
