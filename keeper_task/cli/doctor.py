@@ -192,12 +192,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from keeper_task.probe import REPORT_DIR_NAME, apply_recommendations, run_probe
 
     options = options_from_args(args)
-    if not options.client_cert:
-        raise UsageError("doctor probe needs --cert (the admin client certificate) to deploy")
-    if args.wait <= 0:
-        raise UsageError(f"--wait must be > 0 seconds, not {args.wait}")
-    if args.apply and not Path(args.apply).is_dir():
-        raise UsageError(f"--apply {args.apply}: not a directory")
+    _check_probe_args(args, options)
     root, _ = find_agent_root(options.agent_root)
     report_dir = Path(args.report_dir) if args.report_dir else root / REPORT_DIR_NAME
     quiet = args.json
@@ -225,16 +220,39 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     changes = apply_recommendations(report["recommended"], Path(args.apply)) if args.apply else []
+    _print_probe_result(args, report, changes)
+    return 0
+
+
+def _check_probe_args(args: argparse.Namespace, options: Any) -> None:
+    """Refuse bad ``doctor probe`` arguments before anything is deployed.
+
+    Raises:
+        UsageError: The first bad argument.
+    """
+    from pathlib import Path
+
+    if not options.client_cert:
+        raise UsageError("doctor probe needs --cert (the admin client certificate) to deploy")
+    if args.wait <= 0:
+        raise UsageError(f"--wait must be > 0 seconds, not {args.wait}")
+    if args.apply and not Path(args.apply).is_dir():
+        raise UsageError(f"--apply {args.apply}: not a directory")
+
+
+def _print_probe_result(
+    args: argparse.Namespace, report: dict[str, Any], changes: list[str]
+) -> None:
+    """The report (JSON or readable lines) and what ``--apply`` changed."""
     if args.json:
         print(json.dumps({**report, "applied": changes}, indent=2, ensure_ascii=False))
-        return 0
+        return
     for line in describe_report(report):
         print(line)
     if args.apply:
         print(f"applied to {args.apply}:" if changes else f"nothing to change in {args.apply}")
         for change in changes:
             print(f"  {change}")
-    return 0
 
 
 def describe_report(report: dict[str, Any]) -> list[str]:

@@ -154,50 +154,82 @@ class AgentBehaviour:
         Raises:
             EmulatorError: The file cannot be read or is not a probe report.
         """
-        if not isinstance(report, Mapping):
-            path = Path(report)
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise EmulatorError(f"cannot read probe report {path}: {exc}") from exc
-            if not isinstance(data, Mapping):
-                raise EmulatorError(f"{path} is not a probe report (expected a JSON object)")
-            report = data
-        if report.get("kind") != "keeper-task-probe-report":
-            raise EmulatorError(
-                'not a probe report (no "kind": "keeper-task-probe-report"); '
-                "make one with `keeper-task doctor probe --output REPORT.json`"
-            )
-        kwargs: dict[str, Any] = {}
-        mqtt = report.get("mqtt") or {}
-        candidates = mqtt.get("clientIds") or []
-        accepted = [c.get("template") for c in candidates if c.get("accepted")]
-        if candidates and accepted and len(accepted) < len(candidates):
-            kwargs["client_id_format"] = accepted[0]
-        trust = report.get("trust") or {}
-        window = trust.get("windowSeconds")
-        if isinstance(window, (int, float)) and trust.get("forbidden", 0) > 0:
-            kwargs["register_delay"] = round(float(window), 1)
-        context = report.get("context") or {}
-        found = context.get("found") or []
-        if found:
-            first = found[0]
-            kwargs["context_via"] = first.get("via", "none")
-            where = str(first.get("name") or "")
-            if where.startswith("env:"):
-                kwargs["context_env_var"] = where[4:]
-            elif first.get("via") == "env" and where:
-                kwargs["context_env_var"] = where
-        timeout = report.get("timeout") or {}
-        if timeout.get("measured"):
-            if timeout.get("signal"):
-                kwargs["signal_before_kill"] = True
-                grace = timeout.get("secondsBeforeKill")
-                if isinstance(grace, (int, float)):
-                    kwargs["kill_grace"] = round(float(grace), 1)
-            else:
-                kwargs["signal_before_kill"] = False
+        data = _load_probe_report(report)
+        kwargs: dict[str, Any] = {
+            **_client_id_settings(data.get("mqtt") or {}),
+            **_trust_settings(data.get("trust") or {}),
+            **_context_settings(data.get("context") or {}),
+            **_timeout_settings(data.get("timeout") or {}),
+        }
         return cls(**kwargs)
+
+
+def _load_probe_report(report: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
+    """The report itself, read from its file when given a path.
+
+    Raises:
+        EmulatorError: The file cannot be read or is not a probe report.
+    """
+    if not isinstance(report, Mapping):
+        path = Path(report)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EmulatorError(f"cannot read probe report {path}: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise EmulatorError(f"{path} is not a probe report (expected a JSON object)")
+        report = data
+    if report.get("kind") != "keeper-task-probe-report":
+        raise EmulatorError(
+            'not a probe report (no "kind": "keeper-task-probe-report"); '
+            "make one with `keeper-task doctor probe --output REPORT.json`"
+        )
+    return report
+
+
+def _client_id_settings(mqtt: Mapping[str, Any]) -> dict[str, Any]:
+    """``client_id_format`` when the broker refused some client-id formats but not all."""
+    candidates = mqtt.get("clientIds") or []
+    accepted = [c.get("template") for c in candidates if c.get("accepted")]
+    if candidates and accepted and len(accepted) < len(candidates):
+        return {"client_id_format": accepted[0]}
+    return {}
+
+
+def _trust_settings(trust: Mapping[str, Any]) -> dict[str, Any]:
+    """``register_delay`` when Plugin Settings refused the task for a while after start."""
+    window = trust.get("windowSeconds")
+    if isinstance(window, (int, float)) and trust.get("forbidden", 0) > 0:
+        return {"register_delay": round(float(window), 1)}
+    return {}
+
+
+def _context_settings(context: Mapping[str, Any]) -> dict[str, Any]:
+    """``context_via`` (and its variable) from the first place the trigger context arrived."""
+    found = context.get("found") or []
+    if not found:
+        return {}
+    first = found[0]
+    settings: dict[str, Any] = {"context_via": first.get("via", "none")}
+    where = str(first.get("name") or "")
+    if where.startswith("env:"):
+        settings["context_env_var"] = where[4:]
+    elif first.get("via") == "env" and where:
+        settings["context_env_var"] = where
+    return settings
+
+
+def _timeout_settings(timeout: Mapping[str, Any]) -> dict[str, Any]:
+    """``signal_before_kill`` and ``kill_grace`` when the probe measured a timeout."""
+    if not timeout.get("measured"):
+        return {}
+    if not timeout.get("signal"):
+        return {"signal_before_kill": False}
+    settings: dict[str, Any] = {"signal_before_kill": True}
+    grace = timeout.get("secondsBeforeKill")
+    if isinstance(grace, (int, float)):
+        settings["kill_grace"] = round(float(grace), 1)
+    return settings
 
 
 def write_appsettings(

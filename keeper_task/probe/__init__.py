@@ -274,7 +274,7 @@ def apply_recommendations(rec: Mapping[str, Any], project: Path) -> list[str]:
     (``timeoutSeconds`` minus the recommended margin, unless the task sets one). Returns one
     line per change.
     """
-    from keeper_task.jobs import API_BASE_TOKEN, read_job_json
+    from keeper_task.jobs import read_job_json
 
     changes: list[str] = []
     for path in _job_files(project):
@@ -286,32 +286,48 @@ def apply_recommendations(rec: Mapping[str, Any], project: Path) -> list[str]:
             continue
         changed = False
         for task in data["tasks"]:
-            if not isinstance(task, dict):
-                continue
-            key = next((k for k in task if k.lower() == "arguments"), None)
-            args = task.get(key) if key else None
-            if not isinstance(args, str) or API_BASE_TOKEN not in args:
-                continue
-            new = args
-            template = rec.get("mqttClientIdTemplate")
-            if template and template != DEFAULT_TEMPLATE and rec.get("bracesSurviveInArguments"):
-                new = _set_option(new, "--mqtt-client-id-template", template)
-            trust = rec.get("trustTimeout")
-            if isinstance(trust, (int, float)) and trust > DEFAULT_TRUST_TIMEOUT:
-                new = _set_option(new, "--trust-timeout", f"{trust:g}")
-            margin = rec.get("deadlineMarginSeconds")
-            limit = next((v for k, v in task.items() if k.lower() == "timeoutseconds"), None)
-            if (
-                isinstance(margin, (int, float))
-                and isinstance(limit, int)
-                and limit > margin
-                and "--deadline" not in new
-            ):
-                new = _set_option(new, "--deadline", f"{limit - margin:g}")
-            if new != args:
-                task[key] = new
+            new = _apply_to_task(task, rec)
+            if new is not None:
                 changed = True
                 changes.append(f"{path}: task {task.get('id')!r} arguments -> {new}")
         if changed:
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return changes
+
+
+def _apply_to_task(task: Any, rec: Mapping[str, Any]) -> str | None:
+    """Update a keeper-task task's ``arguments`` in place; the new value, or None if unchanged."""
+    from keeper_task.jobs import API_BASE_TOKEN
+
+    if not isinstance(task, dict):
+        return None
+    key = next((k for k in task if k.lower() == "arguments"), None)
+    args = task.get(key) if key else None
+    if not isinstance(args, str) or API_BASE_TOKEN not in args:
+        return None
+    new = _recommended_arguments(args, task, rec)
+    if new == args:
+        return None
+    task[key] = new
+    return new
+
+
+def _recommended_arguments(args: str, task: Mapping[str, Any], rec: Mapping[str, Any]) -> str:
+    """``args`` with the recommended options set (see :func:`apply_recommendations`)."""
+    new = args
+    template = rec.get("mqttClientIdTemplate")
+    if template and template != DEFAULT_TEMPLATE and rec.get("bracesSurviveInArguments"):
+        new = _set_option(new, "--mqtt-client-id-template", template)
+    trust = rec.get("trustTimeout")
+    if isinstance(trust, (int, float)) and trust > DEFAULT_TRUST_TIMEOUT:
+        new = _set_option(new, "--trust-timeout", f"{trust:g}")
+    margin = rec.get("deadlineMarginSeconds")
+    limit = next((v for k, v in task.items() if k.lower() == "timeoutseconds"), None)
+    if (
+        isinstance(margin, (int, float))
+        and isinstance(limit, int)
+        and limit > margin
+        and "--deadline" not in new
+    ):
+        new = _set_option(new, "--deadline", f"{limit - margin:g}")
+    return new

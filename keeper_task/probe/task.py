@@ -140,18 +140,30 @@ def find_context(
     """Find the trigger marker: ``(marker, [{"via", "name"}...])`` in args, env, stdin, files."""
     texts = [*argv, *environ.values(), stdin_text]
     marker = next((m.group(0) for t in texts if (m := MARKER_PATTERN.search(t))), None)
-    found: list[dict[str, Any]] = []
     if marker is None:
         # A file path may carry it: look inside files named by arguments and variables.
-        for text in [*argv, *environ.values()]:
-            with contextlib.suppress(OSError, ValueError):
-                if len(text) < 4096 and Path(text).is_file():
-                    hit = MARKER_PATTERN.search(Path(text).read_text(errors="replace")[:1_000_000])
-                    if hit:
-                        marker = hit.group(0)
-                        break
+        marker = _marker_in_files([*argv, *environ.values()])
     if marker is None:
-        return None, found
+        return None, []
+    return marker, _marker_sources(marker, argv, environ, stdin_text)
+
+
+def _marker_in_files(texts: list[str]) -> str | None:
+    """The first marker inside a file that one of ``texts`` names, if any."""
+    for text in texts:
+        with contextlib.suppress(OSError, ValueError):
+            if len(text) < 4096 and Path(text).is_file():
+                hit = MARKER_PATTERN.search(Path(text).read_text(errors="replace")[:1_000_000])
+                if hit:
+                    return hit.group(0)
+    return None
+
+
+def _marker_sources(
+    marker: str, argv: list[str], environ: dict[str, str], stdin_text: str
+) -> list[dict[str, Any]]:
+    """Every place ``marker`` arrived: ``[{"via", "name"}...]``."""
+    found: list[dict[str, Any]] = []
     for index, arg in enumerate(argv):
         if marker in arg:
             found.append({"via": "args", "name": f"argv[{index}]"})
@@ -165,7 +177,7 @@ def find_context(
             found.append({"via": "file", "name": f"env:{name}"})
     if marker in stdin_text:
         found.append({"via": "stdin", "name": "stdin"})
-    return marker, found
+    return found
 
 
 def _env_report(environ: dict[str, str]) -> dict[str, Any]:
