@@ -345,7 +345,6 @@ class _Printer:
 
     def __call__(self, event: object) -> None:
         from keeper_task.emulator import (
-            KEEPER_LOGGER_TOPIC,
             BrokerMessage,
             DeniedOperation,
             JobRun,
@@ -355,57 +354,84 @@ class _Printer:
         )
 
         if isinstance(event, JobRun):
-            if self.runs:
-                if event.ended is not None:
-                    self.flush()  # the run's unpaired stderr events, before its end line
-                    self._line(self.out, _run_line(event), event.ended)
-                    self.flush()
-                else:
-                    self._line(self.out, _run_line(event), event.started)
+            self._show_run(event)
         elif isinstance(event, BrokerMessage):
-            if event.topic == KEEPER_LOGGER_TOPIC:
-                key = _event_key(event.payload)
-                if key is not None:
-                    with self._lock:
-                        waiting = self._pending.get(key)
-                        if waiting:
-                            waiting.pop(0)
-                            if not waiting:
-                                del self._pending[key]
-                        else:
-                            self._delivered[key] += 1
-                at = _event_time(event.payload, event.time)
-                self._line(self.out, f"[KeeperLogger] {format_log(event.payload)}", at)
-            else:
-                self._line(self.out, f"[mqtt {event.topic}] {_snippet(event.text)}", event.time)
+            self._show_message(event)
         elif isinstance(event, OutputLine):
-            text = event.text
-            at = event.time
-            if text.startswith("{") and '"message"' in text:
-                # keeper-task tasks log JSON to a non-terminal stderr: show it readably.
-                key = _event_key(text.encode())
-                at = _event_time(text.encode(), event.time)
-                text = format_log(text.encode())
-                if key is not None and self.keeper_logger and event.stream == "stderr":
-                    with self._lock:
-                        if self._delivered[key] > 0:
-                            self._delivered[key] -= 1
-                        else:
-                            self._pending.setdefault(key, []).append((at, text))
-                    return
-            self._line(self.out, f"[{event.stream}] {text}", at)
+            self._show_output(event)
         elif isinstance(event, DeniedOperation):
             self._line(self.err, f"keeper-task: DENIED {event.describe()}", event.time)
         elif isinstance(event, Notice):
             self._line(self.err, f"keeper-task: {event.text}", event.time)
         elif isinstance(event, RequestRecord) and self.verbose:
-            who = f" ({event.caller})"
-            fault = f" [fault: {event.fault}]" if event.fault else ""
-            self._line(
-                self.out,
-                f"[api] {event.method} {event.path} {event.status}{who}{fault}",
-                event.time,
-            )
+            self._show_request(event)
+
+    def _show_run(self, run: Any) -> None:
+        """Show a run's start or end line (only when ``runs`` is set)."""
+        if not self.runs:
+            return
+        if run.ended is None:
+            self._line(self.out, _run_line(run), run.started)
+            return
+        self.flush()  # the run's unpaired stderr events, before its end line
+        self._line(self.out, _run_line(run), run.ended)
+        self.flush()
+
+    def _show_message(self, message: Any) -> None:
+        """Show a publish; a KeeperLogger one also settles its stderr copy."""
+        from keeper_task.emulator import KEEPER_LOGGER_TOPIC
+
+        if message.topic != KEEPER_LOGGER_TOPIC:
+            self._line(self.out, f"[mqtt {message.topic}] {_snippet(message.text)}", message.time)
+            return
+        key = _event_key(message.payload)
+        if key is not None:
+            self._pair_logger_copy(key)
+        at = _event_time(message.payload, message.time)
+        self._line(self.out, f"[KeeperLogger] {format_log(message.payload)}", at)
+
+    def _pair_logger_copy(self, key: str) -> None:
+        """Drop the stderr copy held for ``key``, or remember that its KeeperLogger copy came."""
+        with self._lock:
+            waiting = self._pending.get(key)
+            if waiting:
+                waiting.pop(0)
+                if not waiting:
+                    del self._pending[key]
+            else:
+                self._delivered[key] += 1
+
+    def _show_output(self, line: Any) -> None:
+        """Show an output line; a JSON log event readably, paired with its KeeperLogger copy."""
+        text = line.text
+        at = line.time
+        if text.startswith("{") and '"message"' in text:
+            # keeper-task tasks log JSON to a non-terminal stderr: show it readably.
+            key = _event_key(text.encode())
+            at = _event_time(text.encode(), line.time)
+            text = format_log(text.encode())
+            if key is not None and self.keeper_logger and line.stream == "stderr":
+                self._hold_stderr_copy(key, at, text)
+                return
+        self._line(self.out, f"[{line.stream}] {text}", at)
+
+    def _hold_stderr_copy(self, key: str, at: float, text: str) -> None:
+        """Hold a stderr log event until its KeeperLogger copy comes (none if it already came)."""
+        with self._lock:
+            if self._delivered[key] > 0:
+                self._delivered[key] -= 1
+            else:
+                self._pending.setdefault(key, []).append((at, text))
+
+    def _show_request(self, record: Any) -> None:
+        """Show one API request (``--verbose``)."""
+        who = f" ({record.caller})"
+        fault = f" [fault: {record.fault}]" if record.fault else ""
+        self._line(
+            self.out,
+            f"[api] {record.method} {record.path} {record.status}{who}{fault}",
+            record.time,
+        )
 
 
 def _event_time(payload: bytes, default: float) -> float:
@@ -696,16 +722,15 @@ def _how_found(task: Any, agent_root: Path, found: Path | None) -> str:
     return ""
 
 
-def _run(args: argparse.Namespace) -> int:
-    _require_dev_extra()
-    from keeper_task.emulator import Emulator, resolve_task_command
-    from keeper_task.jobs import host_os, load_job, resolve_binary, validate_job
+def _load_runnable_job(job_path: Path) -> Any:
+    """Load the job at ``job_path``: valid, allowed on this OS, with at least one task.
 
-    context = parse_context(args.context)  # bad input first, before anything starts
-    settings = _settings(args.setting)
-    job_path, project, how_job = _locate_job(args.job)
-    if how_job is not None:
-        print(f"keeper-task: job {_shown(job_path)} ({how_job})", file=sys.stderr)
+    Raises:
+        JobDefinitionError: The job is invalid or has no tasks.
+        EmulatorError: Its osFilter excludes this OS.
+    """
+    from keeper_task.jobs import host_os, load_job, validate_job
+
     job = load_job(job_path)
     report = validate_job(job)
     if not report.valid:
@@ -719,48 +744,91 @@ def _run(args: argparse.Namespace) -> int:
         raise EmulatorError(f"job {job.id!r} does not run on {host_os()}: its osFilter excludes it")
     if not job.tasks:
         raise JobDefinitionError(f"{job_path}: the job has no tasks")
-    override: list[str] | None = None
-    if args.task is not None:
-        try:
-            override = shlex.split(args.task)
-        except ValueError as exc:
-            raise UsageError(f"--task {args.task!r}: {exc}") from exc
-        if not override:
-            raise UsageError("--task is empty; give the command that runs the task")
-        if override[0] in ("python", "python3"):
-            override[0] = sys.executable  # the Python keeper-task runs on
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be > 0 seconds")
-    job_dir = job_path.resolve().parent
+    return job
+
+
+def _task_option(value: str | None) -> list[str] | None:
+    """The command ``--task`` gives (None without it); ``python`` means this Python.
+
+    Raises:
+        UsageError: The command does not parse or is empty.
+    """
+    if value is None:
+        return None
+    try:
+        override = shlex.split(value)
+    except ValueError as exc:
+        raise UsageError(f"--task {value!r}: {exc}") from exc
+    if not override:
+        raise UsageError("--task is empty; give the command that runs the task")
+    if override[0] in ("python", "python3"):
+        override[0] = sys.executable  # the Python keeper-task runs on
+    return override
+
+
+def _agent_root_for(args: argparse.Namespace, job_dir: Path) -> Path:
+    """``--agent-root``, else the agent root a job file's folder implies (``Jobs/``' parent)."""
     if args.agent_root is not None:
-        agent_root = Path(args.agent_root).resolve()
-    else:
-        agent_root = job_dir.parent if job_dir.name == "Jobs" else job_dir
-    fallback = job_dir / "task.py"
-    found = {id(t): resolve_binary(t, agent_root, search_path=True) for t in job.tasks}
-    run_env: dict[str, str] | None = None
-    how: dict[int, str] = {}
+        return Path(args.agent_root).resolve()
+    return job_dir.parent if job_dir.name == "Jobs" else job_dir
+
+
+@dataclass
+class _Launch:
+    """How ``dev run`` starts the job's tasks."""
+
+    #: The command that replaces every task's executable (None: each task's own binary).
+    override: list[str] | None
+    #: Extra environment for the tasks (None: none).
+    env: dict[str, str] | None
+    #: Why each task (by ``id()``) runs what it runs, when not found the agent's way.
+    how: dict[int, str]
+
+
+def _plan_launch(
+    job: Any, project: _Project | None, override: list[str] | None, found: dict[int, Path | None]
+) -> _Launch:
+    """Decide what runs: ``--task``, a project's source when nothing is built, or the binaries."""
     if override is not None:
-        how = {id(t): "--task" for t in job.tasks}
-    elif project is not None and all(found[id(t)] is None for t in job.tasks):
+        return _Launch(override, None, {id(t): "--task" for t in job.tasks})
+    if project is not None and all(found[id(t)] is None for t in job.tasks):
         # A project not built (nor installed) yet: run its source with this Python, as
         # `keeper-task dev run` right after `keeper-task new` should.
-        override = project.source_command()
         source = project.source_dir
         path = os.environ.get("PYTHONPATH")
-        run_env = {"PYTHONPATH": str(source) + (os.pathsep + path if path else "")}
+        env = {"PYTHONPATH": str(source) + (os.pathsep + path if path else "")}
         shown_source = _shown(source / project.package)
         how = {
             id(t): f"no {t.command!r} binary yet: the project's source {shown_source} with "
             "this Python; `keeper-task build` makes the binary"
             for t in job.tasks
         }
+        return _Launch(project.source_command(), env, how)
+    return _Launch(None, None, {})
+
+
+def _announce_tasks(
+    job: Any,
+    launch: _Launch,
+    found: dict[int, Path | None],
+    *,
+    agent_root: Path,
+    fallback: Path,
+    from_task_option: bool,
+) -> None:
+    """Check each task can be started and say what runs for it and how it was found.
+
+    Raises:
+        UsageError: A task's executable cannot be started.
+    """
+    from keeper_task.emulator import resolve_task_command
+
     for task in job.tasks:
         command = resolve_task_command(
-            task, agent_root=agent_root, override=override, fallback_script=fallback
+            task, agent_root=agent_root, override=launch.override, fallback_script=fallback
         )
-        _check_runnable(command[0], task.command, from_task_option=args.task is not None)
-        reason = how.get(id(task)) or _how_found(task, agent_root, found[id(task)])
+        _check_runnable(command[0], task.command, from_task_option=from_task_option)
+        reason = launch.how.get(id(task)) or _how_found(task, agent_root, found[id(task)])
         if not reason:
             reason = f"no {task.command!r} binary yet: the task.py beside the job file"
         name = task.id or task.command
@@ -768,10 +836,45 @@ def _run(args: argparse.Namespace) -> int:
             f"keeper-task: task {name}: running {shlex.join(command)} ({reason})",
             file=sys.stderr,
         )
-    plugins_dir = args.plugins_dir
+
+
+def _plugins_dir_for(args: argparse.Namespace, job_dir: Path) -> str | None:
+    """``--plugins-dir``, else a ``plugins/`` folder beside the job file (said on stderr)."""
+    plugins_dir: str | None = args.plugins_dir
     if plugins_dir is None and (job_dir / "plugins").is_dir():
         plugins_dir = str(job_dir / "plugins")
         print(f"keeper-task: plugin settings from {_shown(job_dir / 'plugins')}", file=sys.stderr)
+    return plugins_dir
+
+
+def _run(args: argparse.Namespace) -> int:
+    _require_dev_extra()
+    from keeper_task.emulator import Emulator
+    from keeper_task.jobs import resolve_binary
+
+    context = parse_context(args.context)  # bad input first, before anything starts
+    settings = _settings(args.setting)
+    job_path, project, how_job = _locate_job(args.job)
+    if how_job is not None:
+        print(f"keeper-task: job {_shown(job_path)} ({how_job})", file=sys.stderr)
+    job = _load_runnable_job(job_path)
+    override = _task_option(args.task)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    job_dir = job_path.resolve().parent
+    agent_root = _agent_root_for(args, job_dir)
+    fallback = job_dir / "task.py"
+    found = {id(t): resolve_binary(t, agent_root, search_path=True) for t in job.tasks}
+    launch = _plan_launch(job, project, override, found)
+    _announce_tasks(
+        job,
+        launch,
+        found,
+        agent_root=agent_root,
+        fallback=fallback,
+        from_task_option=args.task is not None,
+    )
+    plugins_dir = _plugins_dir_for(args, job_dir)
 
     topics = job.mqtt_topics
     printer = _Printer(
@@ -788,6 +891,33 @@ def _run(args: argparse.Namespace) -> int:
         plugins_dir=plugins_dir,
         behaviour=_behaviour(args),
     )
+    return _run_once(
+        emulator,
+        printer,
+        job,
+        context=context,
+        launch=launch,
+        fallback=fallback,
+        agent_root=agent_root,
+        timeout=args.timeout,
+    )
+
+
+def _run_once(
+    emulator: Any,
+    printer: _Printer,
+    job: Any,
+    *,
+    context: dict[str, Any] | None,
+    launch: _Launch,
+    fallback: Path,
+    agent_root: Path,
+    timeout: float | None,
+) -> int:
+    """Run ``job`` once on ``emulator``, print the summary and return the exit code.
+
+    Ctrl-C or SIGTERM stops the run; the exit code is then 128+N.
+    """
     run: Any = None
     interrupted = False
     with _Signals() as signals:
@@ -799,11 +929,11 @@ def _run(args: argparse.Namespace) -> int:
                 job.id,
                 trigger="dev",
                 context=context,
-                command=override,
+                command=launch.override,
                 fallback_script=fallback,
                 agent_root=agent_root,
-                timeout=args.timeout,
-                env=run_env,
+                timeout=timeout,
+                env=launch.env,
             )
             run.done.wait()
         except KeyboardInterrupt:

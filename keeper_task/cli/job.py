@@ -364,45 +364,64 @@ def probe_service(url: str, timeout: float) -> str | None:
     except ValueError:
         return None
     request = f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # a probe of what answers, not a trust decision
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-
-    def tls_exchange(payload: bytes, want: int = 5) -> bytes | None:
-        """Send over TLS; the answer's first bytes, or None when TLS itself failed."""
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            tls = ctx.wrap_socket(raw, server_hostname=host)
-            with tls:
-                tls.sendall(payload)
-                try:
-                    return _read_head(tls, want)
-                except ssl.SSLError as exc:
-                    if "alert" in str(exc).lower():
-                        raise
-                    return b""
-                except OSError:  # reset or silence after a finished handshake: not HTTP
-                    return b""
-
+    ctx = _probe_tls_context()
     try:
-        head = tls_exchange(request)
-    except ssl.SSLError as exc:
-        if "alert" in str(exc).lower():
-            return None  # a TLS server that refused this client: HTTPS after all
-        return _plain_probe(host, port, request, timeout)
-    except ConnectionRefusedError:
-        return None  # nothing listens: the original message says so
-    except OSError:
-        return _plain_probe(host, port, request, timeout)
+        head = _tls_exchange(ctx, host, port, timeout, request)
+    except OSError as exc:
+        return _after_tls_failure(exc, host, port, request, timeout)
     if head is None or head.startswith(b"HTTP/"):
         return None
     try:
-        mqtt = (tls_exchange(_MQTT_CONNECT, want=1) or b"")[:1] == b"\x20"
+        answer = _tls_exchange(ctx, host, port, timeout, _MQTT_CONNECT, want=1)
     except OSError:
-        mqtt = False
-    if mqtt:
+        answer = None
+    if (answer or b"")[:1] == b"\x20":  # CONNACK
         return "it is an MQTT broker over TLS (it answered an MQTT CONNECT), not HTTPS"
     return "it accepts TLS but does not answer HTTP"
+
+
+def _probe_tls_context() -> ssl.SSLContext:
+    """A TLS 1.2 client context that trusts anything: the probe asks what answers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # a probe of what answers, not a trust decision
+    # In TLS 1.2 a server wanting a client certificate refuses during the handshake.
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _tls_exchange(
+    ctx: ssl.SSLContext, host: str, port: int, timeout: float, payload: bytes, *, want: int = 5
+) -> bytes | None:
+    """Send over TLS; the answer's first bytes (none after a reset or silence).
+
+    Raises:
+        OSError: Connecting or the handshake failed (``ssl.SSLError`` for TLS, an alert
+            included).
+    """
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        tls = ctx.wrap_socket(raw, server_hostname=host)
+        with tls:
+            tls.sendall(payload)
+            try:
+                return _read_head(tls, want)
+            except ssl.SSLError as exc:
+                if "alert" in str(exc).lower():
+                    raise
+                return b""
+            except OSError:  # reset or silence after a finished handshake: not HTTP
+                return b""
+
+
+def _after_tls_failure(
+    exc: OSError, host: str, port: int, request: bytes, timeout: float
+) -> str | None:
+    """What a failed TLS try says: a TLS alert or a refused connection prove nothing wrong."""
+    if isinstance(exc, ssl.SSLError) and "alert" in str(exc).lower():
+        return None  # a TLS server that refused this client: HTTPS after all
+    if isinstance(exc, ConnectionRefusedError):
+        return None  # nothing listens: the original message says so
+    return _plain_probe(host, port, request, timeout)
 
 
 #: An MQTT 3.1.1 CONNECT (client id "keeper-task-probe", clean session, keepalive 10 s).
@@ -707,26 +726,44 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         raise _Failed(exc, steps=steps) from exc
 
 
-def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
-    """place -> validate -> create -> trigger; every step is idempotent."""
+class _DeploySteps:
+    """The steps ``job deploy`` took: a line each, or one JSON document at the end (``--json``)."""
 
-    def step(name: str, text: str, **fields: Any) -> None:
-        steps.append({"step": name, **fields})
-        if not args.json:
+    def __init__(self, steps: list[dict[str, Any]], *, as_json: bool) -> None:
+        # The caller's list: a failure raised mid-way still reports the steps done so far.
+        self.steps = steps
+        self.as_json = as_json
+
+    def step(self, name: str, text: str, **fields: Any) -> None:
+        """Record a step done (and say so, without ``--json``)."""
+        self.steps.append({"step": name, **fields})
+        if not self.as_json:
             print(f"{name}: {text}")
 
-    def finish(code: int) -> int:
-        if args.json:
-            _print_json({"ok": code == 0, "steps": steps})
+    def warnings(self, name: str, warnings: list[str]) -> None:
+        """Print a step's warnings, one line each (in ``--json`` they are in the step)."""
+        if not self.as_json:
+            for warning in warnings:
+                print(f"{name}: warning: {warning}")
+
+    def finish(self, code: int) -> int:
+        """End the deploy with ``code`` (printing the JSON document with ``--json``)."""
+        if self.as_json:
+            _print_json({"ok": code == 0, "steps": self.steps})
         return code
 
-    def invalid(name: str, report: ValidationReport) -> int:
-        if not args.json:
+    def invalid(self, name: str, report: ValidationReport) -> int:
+        """End the deploy at a failed validation step."""
+        if not self.as_json:
             for error in report.errors:
                 print(f"{name}: error: {error}")
-        step(name, "invalid; fix the errors above", **report.to_agent_json())
-        return finish(EXIT_INVALID)
+        self.step(name, "invalid; fix the errors above", **report.to_agent_json())
+        return self.finish(EXIT_INVALID)
 
+
+def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
+    """place -> validate -> create -> trigger; every step is idempotent."""
+    log = _DeploySteps(steps, as_json=args.json)
     context = parse_context(args.context)
     job = load_job(args.file)
     agent_root = _agent_root(args.agent_root, default=True)
@@ -734,11 +771,33 @@ def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
     # The agent's rules first: an invalid job must not leave a binary behind.
     rules = validate_job(job, file_name=args.file)
     if not rules.valid:
-        return invalid("validate", rules)
+        return log.invalid("validate", rules)
+    _place_binary(args, job, agent_root, log)
+
+    offline = validate_job(job, file_name=args.file, agent_root=agent_root)
+    if not offline.valid:
+        return log.invalid("validate", offline)
+    log.warnings("validate", offline.warnings)
+    log.step(
+        "validate", f"valid offline ({len(offline.warnings)} warning(s))", **offline.to_agent_json()
+    )
+
+    with _client(args) as client:
+        remote = client.validate(job)
+        if not remote.valid:
+            return log.invalid("agent validate", remote)
+        log.warnings("agent validate", remote.warnings)
+        log.step("agent validate", "valid", **remote.to_agent_json())
+        _register(client, job, context, trigger=args.trigger, log=log)
+    return log.finish(0)
+
+
+def _place_binary(args: argparse.Namespace, job: Job, agent_root: Path, log: _DeploySteps) -> None:
+    """Install ``--binary`` where the agent looks for the job's command."""
     command = _deploy_command(job, args.command_name)
     installed = install_binary(args.binary, agent_root, command)
     note = f" ({len(installed.stale)} older file(s) left in place)" if installed.stale else ""
-    step(
+    log.step(
         "binary",
         f"{installed.action} {installed.executable}{note}",
         action=installed.action,
@@ -746,30 +805,21 @@ def _deploy(args: argparse.Namespace, steps: list[dict[str, Any]]) -> int:
         changed=[str(p) for p in installed.changed],
     )
 
-    offline = validate_job(job, file_name=args.file, agent_root=agent_root)
-    if not offline.valid:
-        return invalid("validate", offline)
-    if not args.json:
-        for warning in offline.warnings:
-            print(f"validate: warning: {warning}")
-    step(
-        "validate", f"valid offline ({len(offline.warnings)} warning(s))", **offline.to_agent_json()
-    )
 
-    with _client(args) as client:
-        remote = client.validate(job)
-        if not remote.valid:
-            return invalid("agent validate", remote)
-        if not args.json:
-            for warning in remote.warnings:
-                print(f"agent validate: warning: {warning}")
-        step("agent validate", "valid", **remote.to_agent_json())
-        response = client.create(job)
-        step("create", f"job {job.id!r} registered{_said(response)}", response=response)
-        if args.trigger or context is not None:
-            response = client.trigger(str(job.id), context)
-            step("trigger", f"job {job.id!r} triggered{_said(response)}", response=response)
-    return finish(0)
+def _register(
+    client: JobsClient,
+    job: Job,
+    context: dict[str, Any] | None,
+    *,
+    trigger: bool,
+    log: _DeploySteps,
+) -> None:
+    """Create (or replace) the job on the agent; trigger it when asked or given a context."""
+    response = client.create(job)
+    log.step("create", f"job {job.id!r} registered{_said(response)}", response=response)
+    if trigger or context is not None:
+        response = client.trigger(str(job.id), context)
+        log.step("trigger", f"job {job.id!r} triggered{_said(response)}", response=response)
 
 
 def _said(response: Any) -> str:
