@@ -329,9 +329,6 @@ def _plugin_class() -> type[Any]:
 
     from dataclasses import dataclass
 
-    from amqtt.contexts import Action
-    from amqtt.mqtt.publish import PublishPacket
-    from amqtt.mqtt.pubrel import PubrelPacket
     from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
     class KeeperBrokerPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
@@ -348,11 +345,7 @@ def _plugin_class() -> type[Any]:
                 raise TypeError("KeeperBrokerPlugin needs its 'link' configuration")
             link.plugin = self
             self.policy = link.policy
-            # QoS 2 publishes wait for their PUBREL: (client id, packet id) -> PUBLISH.
-            self.pending: dict[tuple[str, int], Any] = {}
-            # Connections amqtt ends after a publish it treats as a protocol error; packets
-            # already read from them are not served (cleared when the client reconnects).
-            self.stopped: dict[str, str] = {}
+            self.hooks = _PolicyHooks(link.policy, self.context)
             # Set at each client disconnect (EmbeddedBroker.drain waits on it).
             self.disconnects = asyncio.Event()
 
@@ -362,70 +355,110 @@ def _plugin_class() -> type[Any]:
         async def topic_filtering(
             self, *, session: Any = None, topic: str | None = None, action: Any = None
         ) -> bool | None:
-            if action == Action.RECEIVE:
-                return True  # delivery to a subscriber: its SUBSCRIBE was checked
-            if session is None or topic is None:
-                return False
-            if action == Action.PUBLISH:
-                # Already decided, recorded and forwarded by on_mqtt_packet_received: amqtt
-                # must not forward it a second time.
-                return False
-            return self.policy.allow(session.client_id, topic, "subscribe")
+            return self.hooks.topic_allowed(session, topic, action)
 
         async def on_mqtt_packet_received(self, *, packet: Any, session: Any = None) -> None:
-            client_id = getattr(session, "client_id", None)
-            if client_id is None:
-                return  # CONNECT, before the session exists
-            if isinstance(packet, PublishPacket):
-                if packet.qos == 2:
-                    self.pending[(client_id, packet.packet_id)] = packet
-                elif not (packet.qos == 0 and packet.dup_flag):  # amqtt ignores those
-                    await self._arrived(client_id, packet)
-            elif isinstance(packet, PubrelPacket):
-                publish = self.pending.pop((client_id, packet.packet_id), None)
-                if publish is not None:
-                    await self._arrived(client_id, publish)
+            await self.hooks.packet_received(packet, session)
 
         async def on_broker_client_connected(self, *, client_id: str, **_kw: Any) -> None:
-            self.stopped.pop(client_id, None)
+            self.hooks.client_connected(client_id)
 
         async def on_broker_client_disconnected(self, *, client_id: str, **_kw: Any) -> None:
-            for key in [k for k in self.pending if k[0] == client_id]:
-                del self.pending[key]
-            self.policy.connected.pop(client_id, None)
+            self.hooks.client_disconnected(client_id)
             self.disconnects.set()
-
-        async def _arrived(self, client_id: str, packet: Any) -> None:
-            topic = packet.topic_name or ""
-            job_id = job_id_of_client(client_id)
-            if client_id in self.stopped:
-                self.policy.deny(
-                    "publish",
-                    client_id,
-                    job_id,
-                    topic,
-                    "sent on a connection the broker was closing since "
-                    f"{self.stopped[client_id]} (the client must reconnect)",
-                )
-                return
-            problem = _protocol_problem(topic)
-            if problem is not None:
-                self.stopped[client_id] = f"its publish to {topic!r}"
-                self.policy.deny("publish", client_id, job_id, topic, problem)
-                return
-            data = bytes(packet.data or b"")
-            qos, retain = int(packet.qos or 0), bool(packet.retain_flag)
-            if not self.policy.received(client_id, topic, data, qos, retain):
-                return
-            # As amqtt would: to each subscriber at its subscription's QoS, then retained.
-            await self.context.broadcast_message(topic, data)
-            if retain:
-                await self.context.retain_message(topic, data, qos)
 
     KeeperBrokerPlugin.__module__ = __name__
     KeeperBrokerPlugin.__qualname__ = _PLUGIN_NAME
     globals()[_PLUGIN_NAME] = KeeperBrokerPlugin
     return KeeperBrokerPlugin
+
+
+class _PolicyHooks:
+    """What the broker plugin does with each amqtt event (see :func:`_plugin_class`).
+
+    Kept out of the plugin class because that class is built only when amqtt is imported and
+    must subclass amqtt's plugin bases alone; amqtt names are imported where they are used.
+    """
+
+    def __init__(self, policy: BrokerPolicy, context: Any) -> None:
+        self.policy = policy
+        # amqtt's BrokerContext: forwards accepted publishes (broadcast_message/retain_message).
+        self.context = context
+        # QoS 2 publishes wait for their PUBREL: (client id, packet id) -> PUBLISH.
+        self.pending: dict[tuple[str, int], Any] = {}
+        # Connections amqtt ends after a publish it treats as a protocol error; packets
+        # already read from them are not served (cleared when the client reconnects).
+        self.stopped: dict[str, str] = {}
+
+    def topic_allowed(self, session: Any, topic: str | None, action: Any) -> bool:
+        """amqtt's topic filter: SUBSCRIBE by the policy; PUBLISH never (forwarded here)."""
+        from amqtt.contexts import Action
+
+        if action == Action.RECEIVE:
+            return True  # delivery to a subscriber: its SUBSCRIBE was checked
+        if session is None or topic is None:
+            return False
+        if action == Action.PUBLISH:
+            # Already decided, recorded and forwarded by packet_received: amqtt must not
+            # forward it a second time.
+            return False
+        return self.policy.allow(session.client_id, topic, "subscribe")
+
+    async def packet_received(self, packet: Any, session: Any) -> None:
+        """Take a PUBLISH as amqtt reads it (QoS 2: at its PUBREL)."""
+        from amqtt.mqtt.publish import PublishPacket
+        from amqtt.mqtt.pubrel import PubrelPacket
+
+        client_id = getattr(session, "client_id", None)
+        if client_id is None:
+            return  # CONNECT, before the session exists
+        if isinstance(packet, PublishPacket):
+            if packet.qos == 2:
+                self.pending[(client_id, packet.packet_id)] = packet
+            elif not (packet.qos == 0 and packet.dup_flag):  # amqtt ignores those
+                await self.arrived(client_id, packet)
+        elif isinstance(packet, PubrelPacket):
+            publish = self.pending.pop((client_id, packet.packet_id), None)
+            if publish is not None:
+                await self.arrived(client_id, publish)
+
+    def client_connected(self, client_id: str) -> None:
+        """A (re)connected client starts on a fresh connection."""
+        self.stopped.pop(client_id, None)
+
+    def client_disconnected(self, client_id: str) -> None:
+        """Forget the client's unreleased QoS 2 publishes and its connection."""
+        for key in [k for k in self.pending if k[0] == client_id]:
+            del self.pending[key]
+        self.policy.connected.pop(client_id, None)
+
+    async def arrived(self, client_id: str, packet: Any) -> None:
+        """Decide, record and (when accepted) forward one PUBLISH."""
+        topic = packet.topic_name or ""
+        job_id = job_id_of_client(client_id)
+        if client_id in self.stopped:
+            self.policy.deny(
+                "publish",
+                client_id,
+                job_id,
+                topic,
+                "sent on a connection the broker was closing since "
+                f"{self.stopped[client_id]} (the client must reconnect)",
+            )
+            return
+        problem = _protocol_problem(topic)
+        if problem is not None:
+            self.stopped[client_id] = f"its publish to {topic!r}"
+            self.policy.deny("publish", client_id, job_id, topic, problem)
+            return
+        data = bytes(packet.data or b"")
+        qos, retain = int(packet.qos or 0), bool(packet.retain_flag)
+        if not self.policy.received(client_id, topic, data, qos, retain):
+            return
+        # As amqtt would: to each subscriber at its subscription's QoS, then retained.
+        await self.context.broadcast_message(topic, data)
+        if retain:
+            await self.context.retain_message(topic, data, qos)
 
 
 def _protocol_problem(topic: str) -> str | None:
