@@ -1,6 +1,7 @@
 """The emulator's HTTPS API (aiohttp): Public, Plugin Settings and Job Management endpoints.
 
-Routes and status codes follow the agent's HTTP reference (``shared/seeds/http-reference.txt``):
+Routes and status codes follow the agent's public HTTP reference (Plugin Settings and Job
+Management APIs; tests/test_conformance.py holds them against it section by section):
 
 ==========  =========================================  ======  ==================================
 Method      Path                                       Tier    Answers
@@ -48,6 +49,7 @@ from aiohttp import web
 from keeper_task.emulator.records import RequestRecord
 from keeper_task.emulator.settings_store import setting_text
 from keeper_task.emulator.tiers import FORBIDDEN_MESSAGES, Tier
+from keeper_task.emulator.tls_front import Peer
 from keeper_task.errors import JobDefinitionError
 from keeper_task.tls import is_loopback_host
 
@@ -110,72 +112,91 @@ def _emu(request: web.Request) -> Emulator:
     return request.app[_EMU]  # type: ignore[return-value]
 
 
+def _peer_of(request: web.Request, emu: Emulator) -> Peer:
+    """Who sent ``request``: the TLS front's view when it decrypted the connection.
+
+    Without the front (aiohttp's own TLS), the transport's peer address and certificate;
+    a certificate aiohttp accepted is an admin one.
+    """
+    transport = request.transport
+    if transport is not None and emu.front is not None:
+        front_peer = emu.front.peer(transport.get_extra_info("socket"))
+        if front_peer is not None:
+            return front_peer
+    peer = transport.get_extra_info("peername") if transport else None
+    admin = bool(transport.get_extra_info("peercert")) if transport else False
+    return Peer(
+        host=str(peer[0]) if peer else "",
+        port=int(peer[1]) if peer else 0,
+        certificate=admin,
+        admin=admin,
+    )
+
+
+def _forbidden(tier: Tier, peer: Peer) -> web.Response:
+    """The 403 for a caller below ``tier``; says why a presented admin certificate failed."""
+    message = FORBIDDEN_MESSAGES[tier]
+    if tier is Tier.ADMIN and peer.certificate:
+        message = (
+            "Admin credentials not accepted: the client certificate was not issued by "
+            f"the agent's admin CA ({peer.reason or 'not trusted'})."
+        )
+    return _json(
+        {"error": "Forbidden", "requiredTier": tier.value, "message": message},
+        status=403,
+    )
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run ``handler``; an error becomes a JSON answer, never aiohttp's bare error page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        return _json(
+            {"error": exc.reason, "message": f"{request.method} {request.path}: {exc.reason}"},
+            status=exc.status,
+        )
+    except Exception as exc:  # never a bare 500 page: say what broke, in JSON
+        return _json(
+            {
+                "error": "InternalError",
+                "message": f"emulator error ({type(exc).__name__}: {exc}); please report it",
+            },
+            status=500,
+        )
+
+
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     emu = _emu(request)
-    transport = request.transport
-    front_peer = None
-    if transport is not None and emu.front is not None:
-        front_peer = emu.front.peer(transport.get_extra_info("socket"))
-    if front_peer is not None:
-        peer_host, peer_port = front_peer.host, front_peer.port
-        shown, admin, refusal = front_peer.certificate, front_peer.admin, front_peer.reason
-    else:
-        peer = transport.get_extra_info("peername") if transport else None
-        peer_host = str(peer[0]) if peer else ""
-        peer_port = int(peer[1]) if peer else 0
-        admin = bool(transport.get_extra_info("peercert")) if transport else False
-        shown, refusal = admin, ""
+    peer = _peer_of(request, emu)
     tier = required_tier(request.method, request.path)
-    caller = "admin" if admin else ("foreign certificate" if shown else "anonymous")
+    caller = "admin" if peer.admin else ("foreign certificate" if peer.certificate else "anonymous")
     pid: int | None = None
     fault: str | None = None
     response: web.StreamResponse | None = None
     try:
-        if not is_loopback_host(peer_host):
+        if not is_loopback_host(peer.host):
             # Bound to 127.0.0.1, so this cannot happen; refuse anyway, like the agent.
             response = _json({"error": "Forbidden", "message": "loopback only"}, status=403)
             return response
         allowed = tier is Tier.PUBLIC
         if tier is Tier.ADMIN:
-            allowed = admin
+            allowed = peer.admin
         elif tier is Tier.PLUGIN:
-            pid, trusted = emu.registry.identify(peer_port, emu.port)
+            pid, trusted = emu.registry.identify(peer.port, emu.port)
             if pid is not None:
                 caller = f"pid {pid}"
             allowed = trusted
         if not allowed:
-            message = FORBIDDEN_MESSAGES[tier]
-            if tier is Tier.ADMIN and shown:
-                message = (
-                    "Admin credentials not accepted: the client certificate was not issued by "
-                    f"the agent's admin CA ({refusal or 'not trusted'})."
-                )
-            response = _json(
-                {"error": "Forbidden", "requiredTier": tier.value, "message": message},
-                status=403,
-            )
+            response = _forbidden(tier, peer)
             return response
         scripted = emu.faults.take(request.path) if tier is not Tier.PUBLIC else None
         if scripted is not None:
             fault = scripted.describe()
             response = scripted.response()
             return response
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            response = _json(
-                {"error": exc.reason, "message": f"{request.method} {request.path}: {exc.reason}"},
-                status=exc.status,
-            )
-        except Exception as exc:  # never a bare 500 page: say what broke, in JSON
-            response = _json(
-                {
-                    "error": "InternalError",
-                    "message": f"emulator error ({type(exc).__name__}: {exc}); please report it",
-                },
-                status=500,
-            )
+        response = await _handle(request, handler)
         return response
     finally:
         status = response.status if response is not None else 500
@@ -282,20 +303,29 @@ async def settings_put(request: web.Request) -> web.Response:
     if unsupported is not None:
         return unsupported
     try:
-        body = parse_json_body(raw)
+        value = _setting_value(parse_json_body(raw))
     except ValueError as exc:
         return _bad_request(str(exc))
+    store.put(plugin, key, value)
+    return _json(
+        {"success": True, "pluginName": plugin, "settingName": key, "value": setting_text(value)}
+    )
+
+
+def _setting_value(body: Any) -> Any:
+    """The value a settings PUT body gives: ``{"value": V}`` (any key case) or a bare V.
+
+    Raises:
+        ValueError: No single value, or one that is not a JSON string, number or boolean.
+    """
     if isinstance(body, dict):
         values = [v for k, v in body.items() if str(k).lower() == "value"]
         if len(values) != 1:
-            return _bad_request('the body must be {"value": <string|number|boolean>}')
+            raise ValueError('the body must be {"value": <string|number|boolean>}')
         body = values[0]
     if body is None or isinstance(body, (dict, list)):
-        return _bad_request("the value must be a JSON string, number or boolean")
-    store.put(plugin, key, body)
-    return _json(
-        {"success": True, "pluginName": plugin, "settingName": key, "value": setting_text(body)}
-    )
+        raise ValueError("the value must be a JSON string, number or boolean")
+    return body
 
 
 async def settings_revert(request: web.Request) -> web.Response:

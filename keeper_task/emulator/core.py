@@ -81,6 +81,19 @@ def parse_setting(text: str) -> tuple[str, str, str]:
     return AGENT_PLUGIN, key, value
 
 
+def _policy_settings(settings: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``{"key": value}`` / ``{"Plugin/key": value}`` as the agent's strings, by plugin.
+
+    Raises:
+        EmulatorError: An empty key.
+    """
+    by_plugin: dict[str, dict[str, str]] = {}
+    for key, value in settings.items():
+        plugin, name, _ = parse_setting(f"{key}=")
+        by_plugin.setdefault(plugin, {})[name] = setting_text(value)
+    return by_plugin
+
+
 class Emulator:
     """A local agent: HTTPS API, MQTT broker, job runner, tiers and faults.
 
@@ -167,10 +180,7 @@ class Emulator:
         self.broker_spec = broker
         self._broker_kind, self._ext_host, self._ext_port, self._ext_tls = parse_broker_spec(broker)
         self._broker_port_arg = broker_port
-        self._policy_settings: dict[str, dict[str, str]] = {}
-        for key, value in (settings or {}).items():
-            plugin, name, _ = parse_setting(f"{key}=")
-            self._policy_settings.setdefault(plugin, {})[name] = setting_text(value)
+        self._policy_settings = _policy_settings(settings or {})
         if register_delay < 0:
             raise EmulatorError("register_delay must be >= 0 seconds")
         self.register_delay = register_delay

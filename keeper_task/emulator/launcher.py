@@ -59,6 +59,7 @@ from keeper_task.emulator.tiers import ProcessRegistry
 from keeper_task.jobs.validate import API_BASE_TOKEN
 
 if TYPE_CHECKING:
+    from keeper_task.emulator.behaviour import ContextDelivery
     from keeper_task.jobs import Job, JobTask
 
 __all__ = [
@@ -265,6 +266,27 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _own_session() -> dict[str, Any]:
+    """Process-creation options that give a task its own session (process group).
+
+    Its whole tree can then be killed at once, and a Ctrl-C meant for the emulator does
+    not reach it.
+    """
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+    return {"start_new_session": True}
+
+
+async def _feed_stdin(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
+    """Write ``data`` (the trigger context, when delivered on stdin) to the task and close it."""
+    if data is None or proc.stdin is None:
+        return
+    with contextlib.suppress(OSError):  # a task that never reads stdin may exit first
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+
+
 class Launcher:
     """Starts job runs in the emulator's event loop.
 
@@ -381,47 +403,22 @@ class Launcher:
             delivery = self.behaviour.deliver_context(run.context)
             argv.extend(delivery.args)
         except EmulatorError as exc:
-            task_run.error = exc.message
-            task_run.exit_code = EXIT_NOT_STARTED
-            self.recorder.add(Notice(f"job {job.id!r} task {task_id!r}: {exc.message}"))
-            return task_run
+            return self._not_started(job, task_run, exc.message)
         task_run.argv = argv
-        for token in unknown:
-            self.recorder.add(
-                Notice(
-                    f"job {job.id!r} task {task_id!r}: argument token {token} is not "
-                    f"substituted (the agent documents only {API_BASE_TOKEN}; its parameter "
-                    "placeholder syntax is unknown)"
-                )
-            )
+        self._note_unknown_tokens(job, task_id, unknown)
         limit = timeout if timeout is not None else task.timeout_seconds
-        popen_kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            popen_kwargs["start_new_session"] = True
         started = time.monotonic()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL if delivery.stdin is None else subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**self.environment(job, env), **delivery.env},
-                **popen_kwargs,
+            proc = await self._spawn(
+                argv, delivery, env={**self.environment(job, env), **delivery.env}
             )
         except OSError as exc:
-            task_run.error = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
-            task_run.exit_code = EXIT_NOT_STARTED
-            self.recorder.add(Notice(f"job {job.id!r} task {task_id!r}: {task_run.error}"))
-            return task_run
+            return self._not_started(
+                job, task_run, f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+            )
         pid = proc.pid
         task_run.pid = pid
-        if delivery.stdin is not None and proc.stdin is not None:
-            with contextlib.suppress(OSError):  # a task that never reads stdin may exit first
-                proc.stdin.write(delivery.stdin)
-                await proc.stdin.drain()
-                proc.stdin.close()
+        await _feed_stdin(proc, delivery.stdin)
         self.registry.register(pid, job.id or "", delay=self.register_delay)
         self._procs[pid] = proc
         readers = [
@@ -429,37 +426,11 @@ class Launcher:
             asyncio.ensure_future(self._pump(proc.stderr, "stderr", run, task_run)),
         ]
         try:
-            try:
-                if limit is not None and limit > 0:
-                    await asyncio.wait_for(_exited(proc), timeout=limit)
-                else:
-                    await _exited(proc)
-            except asyncio.TimeoutError:
-                task_run.timed_out = True
-                self.recorder.add(
-                    Notice(
-                        f"job {job.id!r} task {task_id!r} (pid {pid}) ran past its timeout of "
-                        f"{limit:g} s: killing its process tree"
-                    )
-                )
-                await self.kill_tree(pid, signal_first=self.behaviour.signal_before_kill)
-                await _exited(proc)
-            task_run.duration = time.monotonic() - started
-            if self._stopping:
-                task_run.stopped = True
-            # Processes left in the task's session would hold its pipes open for ever.
-            await self._reap_leftovers(pid, job, task_id)
-            # Output still buffered in the pipes is read to the end.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*readers), timeout=5)
+            await self._wait_and_drain(
+                proc, job, task_run, limit=limit, started=started, readers=readers
+            )
         except asyncio.CancelledError:
-            # The emulator is stopping (Ctrl-C, SIGTERM, stop()): the task tree goes with it.
-            task_run.stopped = True
-            await self.kill_tree(pid)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_exited(proc), timeout=5)
-            if proc.returncode is not None:
-                task_run.exit_code = _exit_code(proc.returncode)
+            await self._kill_cancelled(proc, task_run)
             raise
         finally:
             for reader in readers:
@@ -472,6 +443,91 @@ class Launcher:
         code = proc.returncode if proc.returncode is not None else -9
         task_run.exit_code = EXIT_TIMEOUT if task_run.timed_out else _exit_code(code)
         return task_run
+
+    def _not_started(self, job: Job, task_run: TaskRun, error: str) -> TaskRun:
+        """Mark ``task_run`` as never started (exit 127) and say why in a notice."""
+        task_run.error = error
+        task_run.exit_code = EXIT_NOT_STARTED
+        self.recorder.add(Notice(f"job {job.id!r} task {task_run.task_id!r}: {error}"))
+        return task_run
+
+    def _note_unknown_tokens(self, job: Job, task_id: str, unknown: Sequence[str]) -> None:
+        """One notice per argument token left as it is (only ``{KeeperApiBaseUrl}`` is known)."""
+        for token in unknown:
+            self.recorder.add(
+                Notice(
+                    f"job {job.id!r} task {task_id!r}: argument token {token} is not "
+                    f"substituted (the agent documents only {API_BASE_TOKEN}; its parameter "
+                    "placeholder syntax is unknown)"
+                )
+            )
+
+    async def _spawn(
+        self, argv: list[str], delivery: ContextDelivery, *, env: dict[str, str]
+    ) -> asyncio.subprocess.Process:
+        """Start the task in a session (process group) of its own, its output piped.
+
+        Raises:
+            OSError: The executable cannot be started.
+        """
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL if delivery.stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            **_own_session(),
+        )
+
+    async def _wait_and_drain(
+        self,
+        proc: asyncio.subprocess.Process,
+        job: Job,
+        task_run: TaskRun,
+        *,
+        limit: float | None,
+        started: float,
+        readers: Sequence[asyncio.Future[None]],
+    ) -> None:
+        """Wait for the task to exit (killing it at ``limit``), then read its output to the end."""
+        await self._wait_or_kill(proc, job, task_run, limit=limit)
+        task_run.duration = time.monotonic() - started
+        if self._stopping:
+            task_run.stopped = True
+        # Processes left in the task's session would hold its pipes open for ever.
+        await self._reap_leftovers(proc.pid, job, task_run.task_id)
+        # Output still buffered in the pipes is read to the end.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*readers), timeout=5)
+
+    async def _wait_or_kill(
+        self, proc: asyncio.subprocess.Process, job: Job, task_run: TaskRun, *, limit: float | None
+    ) -> None:
+        """Wait for the task to exit; past ``limit`` seconds (when > 0) kill its tree."""
+        try:
+            if limit is not None and limit > 0:
+                await asyncio.wait_for(_exited(proc), timeout=limit)
+            else:
+                await _exited(proc)
+        except asyncio.TimeoutError:
+            task_run.timed_out = True
+            self.recorder.add(
+                Notice(
+                    f"job {job.id!r} task {task_run.task_id!r} (pid {proc.pid}) ran past its "
+                    f"timeout of {limit:g} s: killing its process tree"
+                )
+            )
+            await self.kill_tree(proc.pid, signal_first=self.behaviour.signal_before_kill)
+            await _exited(proc)
+
+    async def _kill_cancelled(self, proc: asyncio.subprocess.Process, task_run: TaskRun) -> None:
+        """The emulator is stopping (Ctrl-C, SIGTERM, stop()): the task tree goes with it."""
+        task_run.stopped = True
+        await self.kill_tree(proc.pid)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_exited(proc), timeout=5)
+        if proc.returncode is not None:
+            task_run.exit_code = _exit_code(proc.returncode)
 
     async def _pump(
         self, stream: asyncio.StreamReader | None, name: str, run: JobRun, task_run: TaskRun
