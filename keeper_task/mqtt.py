@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import select
 import socket
 import ssl
@@ -257,6 +258,7 @@ class MqttClient:
         self._thread: threading.Thread | None = None
         self._loop_ident: int | None = None
         self._stop = threading.Event()
+        self._closed = threading.Event()  # disconnect() counted what was left
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._wake_pending = False
@@ -320,6 +322,7 @@ class MqttClient:
         self._connack_rc = None
         self._established = False
         self._stop.clear()
+        self._closed.clear()
         self._failed = self._lost = 0
         self._reconnect_delay = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -429,7 +432,17 @@ class MqttClient:
         finally:
             # Also when a second signal interrupts the flush: the count stays exact.
             self._stop_loop()
-            lost = self._lost = self.unacked + self._failed
+            # Still queued: never handed to paho. Counted as lost, one by one, so that a
+            # publisher racing with this learns whether its message was counted.
+            unsent = 0
+            while self._outbox:
+                item = self._outbox.popleft()
+                item.error = "the client disconnected before it was sent"
+                if item.done is not None:
+                    item.done.set()
+                unsent += 1
+            lost = self._lost = unsent + self._in_hand + len(self._inflight) + self._failed
+            self._closed.set()
             if lost and self._log is not None:
                 self._log.warning("mqtt.messages_lost", count=lost, flush_timeout=timeout)
         return lost
@@ -516,12 +529,15 @@ class MqttClient:
                 rc=int(MQTTErrorCode.MQTT_ERR_QUEUE_SIZE),
             )
         item = _Outgoing(topic, data, qos, retain, threading.Event() if wait else None)
-        with self._lock:
-            if not self._open or self._loop_ident is None:
-                raise BrokerUnavailableError(
-                    f"cannot publish to {topic!r}: the MQTT client is not connected"
-                )
-            self._outbox.append(item)  # the one step that publishes (see the docstring)
+        if not self._open or self._loop_ident is None:
+            raise BrokerUnavailableError(
+                f"cannot publish to {topic!r}: the MQTT client is not connected"
+            )
+        # No lock on this path: an exception raised asynchronously while one is held could
+        # leave it held. The append is the one step that publishes (see the docstring).
+        self._outbox.append(item)
+        if not self._open:
+            self._published_late(item)
         self._wake()
         if item.done is not None:
             limit = self.publish_timeout if timeout is None else timeout
@@ -530,6 +546,28 @@ class MqttClient:
                 raise PublishError(f"publish to {topic!r} was not {what} within {limit:g}s")
             if item.error is not None:
                 raise PublishError(f"publish to {topic!r} failed: {item.error}")
+
+    def _published_late(self, item: _Outgoing) -> None:
+        """disconnect() began between publish()'s check and its append: settle the message.
+
+        Raises:
+            BrokerUnavailableError: The message was not sent (and says whether
+                ``disconnect()`` counted it as lost).
+        """
+        if threading.get_ident() != self._loop_ident:
+            _wait(self._closed, math.inf)  # disconnect() has counted what is queued
+            if item.info is not None:
+                return  # handed to paho before the stop: sent, or counted as lost
+            if item.error is not None:
+                raise BrokerUnavailableError(
+                    f"cannot publish to {item.topic!r}: {item.error}; counted as lost"
+                )
+        # Not counted (or, on the network thread, not counted yet): take it back.
+        with contextlib.suppress(ValueError):
+            self._outbox.remove(item)
+        raise BrokerUnavailableError(
+            f"cannot publish to {item.topic!r}: the MQTT client is not connected"
+        )
 
     def subscribe(
         self,
@@ -654,11 +692,12 @@ class MqttClient:
                         break
                     self._reconnect()
                     continue
-                self._move_outbox()
+                if stop_by is None:  # once stopping, what is still queued is counted as lost
+                    self._move_outbox()
                 tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
                 wait = 0.0 if tls_pending or self._outbox or self._calls else _TICK
                 if stop_by is not None:
-                    wait = min(wait, 0.05)
+                    wait = 0.05
                 try:
                     readable, _, _ = select.select(
                         [sock, wake_r], [sock] if client.want_write() else [], [], wait
@@ -670,7 +709,8 @@ class MqttClient:
                 if wake_r in readable:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
-                    self._move_outbox()
+                    if stop_by is None:
+                        self._move_outbox()
                 if sock in readable or tls_pending:
                     client.loop_read()
                 if client.want_write():
@@ -728,16 +768,13 @@ class MqttClient:
                 self._fail(item, paho.error_string(rc))
 
     def _settle_dropped(self) -> None:
-        # paho's reconnect() discards QoS 0 packets not yet written: it marks them published
-        # with an error code and calls no on_publish, so they are settled here.
+        # paho's reconnect() discards QoS 0 packets not yet written: it sets their info's rc
+        # to MQTT_ERR_CONN_LOST and calls no on_publish, so they are settled here.
         for mid, item in list(self._inflight.items()):
             info = item.info
-            if item.qos == 0 and info is not None and info.is_published():
+            if item.qos == 0 and info is not None and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 del self._inflight[mid]
-                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self._done(item)
-                else:
-                    self._fail(item, "the connection was lost before it was written")
+                self._fail(item, "the connection was lost before it was written")
 
     def _done(self, item: _Outgoing) -> None:
         if item.done is not None:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+import trustme
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from keeper_task import mqtt as mqtt_module
 from keeper_task.errors import (
     BrokerUnavailableError,
     MqttError,
@@ -24,7 +33,14 @@ from keeper_task.mqtt import (
     topic_allowed,
 )
 from keeper_task.tls import client_ssl_context
-from tests.support.brokers import MosquittoBroker, find_mosquitto, free_port, silent_server
+from tests.support.brokers import (
+    BrokerBase,
+    MosquittoBroker,
+    find_mosquitto,
+    free_port,
+    silent_server,
+)
+from tests.support.fake_agent import FakeAgent
 
 
 def make_client(b, **kw) -> MqttClient:
@@ -344,3 +360,303 @@ def test_publish_wait_times_out_when_broker_stops_acking():
             client.publish("t", b"x", wait=True, timeout=0.3)
         assert client.unacked == 1
         assert client.disconnect(timeout=0.2) == 1
+
+
+def test_stalled_broker_counts_every_unacknowledged_message():
+    """A broker that never acks: disconnect() returns exactly the number published."""
+    with silent_server(connack=b"\x20\x02\x00\x00") as port:
+        client = MqttClient(host="127.0.0.1", port=port, client_id="j_x", ssl_context=None)
+        client.connect()
+        for i in range(50):
+            client.publish("t", str(i).encode())
+        assert client.unacked == 50
+        assert client.disconnect(timeout=0.2) == 50
+        assert client.disconnect() == 50  # idempotent: the same count again
+
+
+@pytest.mark.parametrize("timeout", [1e20, float("inf")], ids=["1e20", "inf"])
+def test_huge_flush_timeouts_deliver_everything(plain_broker, timeout):
+    """disconnect(1e20) with 1,000 queued events neither overflows nor drops: all arrive."""
+    n = 1000
+    with plain_broker.collect("huge") as col:
+        client = make_client(plain_broker)
+        client.connect()
+        client.publish("huge", b"first", wait=True, timeout=timeout)
+        for i in range(n):
+            client.publish("huge", str(i).encode())
+        assert client.disconnect(timeout=timeout) == 0
+        got = col.wait_for(n + 1, timeout=20)
+    assert sorted(int(p) for _, p in got if p != b"first") == list(range(n))
+
+
+def test_wait_inside_a_subscription_callback_is_refused_and_plain_publish_works(plain_broker):
+    """The callback runs on the network thread: wait=True there would wait for itself."""
+    client = make_client(plain_broker)
+    client.connect()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def on_msg(_topic: str, _payload: bytes) -> None:
+        try:
+            client.publish("cb/reply", b"r", wait=True)
+        except PublishError as exc:
+            errors.append(exc)
+        client.publish("cb/reply", b"r")  # queued; sent once the callback returns
+        done.set()
+
+    try:
+        with plain_broker.collect("cb/reply") as col:
+            client.subscribe("cb/in", on_msg)
+            client.publish("cb/in", b"x", wait=True)
+            assert done.wait(10)
+            assert col.wait_for(1, timeout=10) == [("cb/reply", b"r")]
+        assert len(errors) == 1 and "subscription callback" in str(errors[0])
+    finally:
+        assert client.disconnect() == 0
+
+
+# -- asynchronous raises during publish -----------------------------------------------------
+
+
+class _Injected(BaseException):
+    """Stands for a signal handler's or the deadline's raise, at one chosen bytecode."""
+
+
+def _publish_raising_at(client: MqttClient, step: int, payload: bytes) -> bool:
+    """Call publish() with an exception injected at its ``step``-th bytecode (any frame of
+    keeper_task/mqtt.py); return True when publish() completed before that step."""
+    count = 0
+
+    def local(frame, event, _arg):
+        nonlocal count
+        if event == "opcode":
+            count += 1
+            if count == step:
+                raise _Injected
+        return local
+
+    def tracer(frame, _event, _arg):
+        if frame.f_code.co_filename != mqtt_module.__file__:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(tracer)
+    try:
+        client.publish("async/t", payload)
+    except _Injected:
+        return False
+    finally:
+        sys.settrace(None)
+    return True
+
+
+def test_an_asynchronous_raise_anywhere_in_publish_keeps_the_count_exact(plain_broker):
+    """A raise at every bytecode of publish() in turn: each message is counted exactly when
+    it will be sent, and the broker receives exactly the counted ones (none lost uncounted,
+    no phantom left for the flush to wait on)."""
+    client = make_client(plain_broker)
+    client.connect()
+    # Park the network thread in a subscription callback so nothing is sent meanwhile:
+    # unacked then changes only through publish() itself.
+    entered, release = threading.Event(), threading.Event()
+
+    def park(_t: str, _p: bytes) -> None:
+        entered.set()
+        release.wait(60)
+
+    client.subscribe("async/park", park)
+    try:
+        with plain_broker.collect("async/t") as col:
+            client.publish("async/park", b"x")
+            assert entered.wait(10)
+            base = client.unacked
+            counted: list[bytes] = []
+            step = 0
+            completed = False
+            while not completed:
+                step += 1
+                payload = str(step).encode()
+                before = client.unacked
+                completed = _publish_raising_at(client, step, payload)
+                delta = client.unacked - before
+                assert delta in (0, 1), (step, delta)
+                if completed:
+                    assert delta == 1
+                if delta:
+                    counted.append(payload)
+            assert step > 50  # the injection really walked through publish()
+            assert client.unacked == base + len(counted)
+            release.set()
+            assert client.flush(10) == 0
+            client.publish("async/t", b"end", wait=True)
+            got = [p for _, p in col.wait_for(len(counted) + 1, timeout=10)]
+        # QoS 1 from one client on one topic keeps its order: everything came before "end".
+        assert got[-1] == b"end"
+        assert sorted(got[:-1]) == sorted(counted)
+    finally:
+        release.set()
+        assert client.disconnect() == 0
+
+
+# -- a stopped task publishing in a loop (real processes) -----------------------------------
+
+PUBLISH_LOOP = Path(__file__).parent / "support" / "mqtt_publish_loop_task.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mqtt_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_sigterm_while_publishing_exits_at_once_and_counts_nothing_lost(
+    mqtt_ca: trustme.CA, amqtt_broker: BrokerBase, attempt: int
+) -> None:
+    """SIGTERM lands somewhere in a publish loop: exit 143 without waiting out the flush
+    timeout, no 'not acknowledged' line, and the broker got every message the task sent."""
+    flush_timeout = 40.0
+    settings = {
+        "broker.host": amqtt_broker.host,
+        "broker.port": str(amqtt_broker.port),
+        "broker.tls": "false",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        KEEPER_JOB_ID="loop-job",
+        KEEPER_JOB_NAME="loop",
+        KEEPER_TASK_TRUST_TIMEOUT="5",
+        KEEPER_TASK_MQTT_FLUSH_TIMEOUT=str(flush_timeout),
+    )
+    with FakeAgent(mqtt_ca, settings) as agent, amqtt_broker.collect("Jobs/loop-job/events") as col:
+        proc = subprocess.Popen(
+            [sys.executable, str(PUBLISH_LOOP), f"--keeper-api-base={agent.base_url}"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "PUBLISHING", proc.stderr
+            proc.send_signal(signal.SIGTERM)
+            # Half the flush timeout: a phantom unacked message would make it wait it out.
+            out, err = proc.communicate(timeout=flush_timeout / 2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 143, err
+        assert "not acknowledged" not in err
+        sent = int(out.split("SENT ")[1].split()[0])
+        assert sent >= 200
+        got = col.wait_for(sent, timeout=20)
+    numbers = [json.loads(p)["i"] for _, p in got]
+    assert len(numbers) == len(set(numbers))
+    # The publish the signal interrupted may have been sent too.
+    assert set(numbers) in (set(range(sent)), set(range(sent + 1)))
+
+
+# -- what the network loop relies on in paho (a new paho release must keep it) --------------
+
+
+def _pump(client: paho.Client, until, timeout: float = 10.0) -> None:
+    """Drive a bare paho client through its external-loop API until ``until()``."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "paho did not get there in time"
+        sock = client.socket()
+        assert sock is not None
+        wlist = [sock] if client.want_write() else []
+        readable, writable, _ = select.select([sock], wlist, [], 0.1)
+        if readable:
+            client.loop_read()
+        if writable:
+            client.loop_write()
+        client.loop_misc()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_paho_external_loop_contract(plain_broker):
+    """MqttClient's network loop and its bookkeeping rely on exactly these paho behaviours:
+
+    * ``connect()`` without ``loop_start()`` opens only the MQTT socket: no wake-up
+      socketpair that every publish would write a byte to (paho's own thread does that);
+    * ``on_socket_open`` hands over the socket (TCP_NODELAY is set there);
+    * with ``on_socket_register_write`` set, ``publish()`` only queues: one register call
+      for a whole burst, ``want_write()`` true, and one ``loop_write()`` writes it all;
+    * one ``loop_read()`` handles every buffered packet while that many are in flight;
+    * ``reconnect()`` drops unwritten QoS 0 messages, setting their info's ``rc`` to
+      ``MQTT_ERR_CONN_LOST`` without calling ``on_publish`` (MqttClient counts them as lost
+      from that);
+    * ``socket()`` is None once the connection is closed.
+    """
+    opened: list[socket.socket] = []
+    registers: list[int] = []
+    unregisters: list[int] = []
+    acked: list[int] = []
+    connected = threading.Event()
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="contract_x",
+        protocol=paho.MQTTv311,
+    )
+    client.max_inflight_messages_set(0)
+    client.on_socket_open = lambda _c, _u, s: opened.append(s)
+    client.on_socket_register_write = lambda _c, _u, _s: registers.append(1)
+    client.on_socket_unregister_write = lambda _c, _u, _s: unregisters.append(1)
+    client.on_connect = lambda *_a: connected.set()
+    client.on_publish = lambda _c, _u, mid, _rc, _p: acked.append(mid)
+    if plain_broker.tls:
+        client.tls_set_context(plain_broker.ssl_context())
+    fds = _open_fds()
+    client.connect(plain_broker.host, plain_broker.port, keepalive=30)
+    try:
+        assert len(_open_fds() - fds) == 1  # the MQTT socket, and no socketpair
+        assert len(opened) == 1 and opened[0] is client.socket()
+        _pump(client, connected.is_set)
+
+        n = 200
+        registers.clear()
+        unregisters.clear()
+        infos = [client.publish("contract", str(i).encode(), qos=1) for i in range(n)]
+        assert all(info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS for info in infos)
+        assert registers == [1]  # one wake-up for the whole burst
+        assert client.want_write()
+        assert client.loop_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert not client.want_write() and unregisters == [1]
+
+        # Wait until all n PUBACKs (4 bytes each) are buffered, then read them in one call.
+        sock = client.socket()
+        assert sock is not None
+        deadline = time.monotonic() + 10
+        while True:
+            select.select([sock], [], [], 0.1)
+            try:
+                if len(sock.recv(4 * n, socket.MSG_PEEK)) >= 4 * n:
+                    break
+            except BlockingIOError:
+                pass
+            assert time.monotonic() < deadline, "the broker did not ack in time"
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert sorted(acked) == sorted(info.mid for info in infos)
+
+        acked.clear()
+        dropped = client.publish("contract", b"qos0", qos=0)  # queued, not written
+        assert dropped.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not dropped.is_published()
+        client.reconnect()
+        assert dropped.rc == MQTTErrorCode.MQTT_ERR_CONN_LOST
+        assert acked == []
+        assert len(opened) == 2 and opened[1] is client.socket()
+    finally:
+        client.disconnect()
+        if client.socket() is not None:
+            _pump(client, lambda: client.socket() is None)
+    assert client.socket() is None
