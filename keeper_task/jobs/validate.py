@@ -305,20 +305,8 @@ def _check_job(
     _require_string(obj, "name", out, required=True)
     _require_string(obj, "description", out, required=False, allow_empty=True)
 
-    enabled = obj.get("enabled")
-    if enabled is None:
-        out.error("enabled is missing (true or false)")
-    elif not isinstance(enabled, bool):
-        out.error(f"enabled must be true or false, got {json_type_name(enabled)}")
-    elif not enabled:
-        out.warn("enabled is false: the job never runs, and run/trigger answer 400")
-
-    priority = obj.get("priority")
-    if priority is not None:
-        if not _is_int(priority):
-            out.error(f"priority must be an integer from 1 to 10, got {json_type_name(priority)}")
-        elif not 1 <= priority <= 10:
-            out.error(f"priority must be from 1 to 10, got {priority}")
+    _check_enabled(obj.get("enabled"), out)
+    _check_priority(obj.get("priority"), out)
 
     has_schedule = _check_schedule(obj.get("schedule"), out)
     has_events = _check_events(obj.get("events"), out)
@@ -331,30 +319,11 @@ def _check_job(
     if parameters is not None and not isinstance(parameters, list):
         out.error(f"parameters must be an array, got {json_type_name(parameters)}")
 
-    alternate = obj.get("alternateJobId")
-    if alternate is not None:
-        if not isinstance(alternate, str):
-            out.error(f"alternateJobId must be a string, got {json_type_name(alternate)}")
-        elif alternate == job_id:
-            out.warn("alternateJobId names the job itself")
+    _check_alternate(obj.get("alternateJobId"), out, job_id)
 
     os_allowed = _check_os_filter(obj.get("osFilter"), out, os_name)
     publications = _check_mqtt(obj.get("mqttTopics"), out, logs_via_mqtt)
-
-    event_topic = obj.get("eventTopic")
-    if event_topic is not None:
-        if not isinstance(event_topic, str) or not event_topic.strip():
-            out.error(f"eventTopic must be a non-empty string, got {_show(event_topic)}")
-        elif publications is not None and event_topic not in publications:
-            out.error(
-                f"eventTopic {event_topic!r} is not in mqttTopics.allowedPublications; "
-                "the broker would drop the job's events silently"
-            )
-        elif publications is None:
-            out.error(
-                f"eventTopic {event_topic!r} needs mqttTopics.allowedPublications listing it; "
-                "the broker would drop the job's events silently"
-            )
+    _check_event_topic(obj.get("eventTopic"), out, publications)
 
     _check_tasks(obj.get("tasks"), out, agent_root, os_name, os_allowed)
 
@@ -366,6 +335,54 @@ def _check_job(
             for line in format_validation_errors(exc):
                 out.error(line)
     return job_id
+
+
+def _check_enabled(enabled: Any, out: _Collector) -> None:
+    """Check enabled: required; false is legal but the job then never runs."""
+    if enabled is None:
+        out.error("enabled is missing (true or false)")
+    elif not isinstance(enabled, bool):
+        out.error(f"enabled must be true or false, got {json_type_name(enabled)}")
+    elif not enabled:
+        out.warn("enabled is false: the job never runs, and run/trigger answer 400")
+
+
+def _check_priority(priority: Any, out: _Collector) -> None:
+    """Check priority: optional, an integer from 1 to 10."""
+    if priority is None:
+        return
+    if not _is_int(priority):
+        out.error(f"priority must be an integer from 1 to 10, got {json_type_name(priority)}")
+    elif not 1 <= priority <= 10:
+        out.error(f"priority must be from 1 to 10, got {priority}")
+
+
+def _check_alternate(alternate: Any, out: _Collector, job_id: str | None) -> None:
+    """Check alternateJobId: optional, a string naming another job."""
+    if alternate is None:
+        return
+    if not isinstance(alternate, str):
+        out.error(f"alternateJobId must be a string, got {json_type_name(alternate)}")
+    elif alternate == job_id:
+        out.warn("alternateJobId names the job itself")
+
+
+def _check_event_topic(event_topic: Any, out: _Collector, publications: list[str] | None) -> None:
+    """Check eventTopic: the broker drops a job's publishes to topics it may not publish."""
+    if event_topic is None:
+        return
+    if not isinstance(event_topic, str) or not event_topic.strip():
+        out.error(f"eventTopic must be a non-empty string, got {_show(event_topic)}")
+    elif publications is not None and event_topic not in publications:
+        out.error(
+            f"eventTopic {event_topic!r} is not in mqttTopics.allowedPublications; "
+            "the broker would drop the job's events silently"
+        )
+    elif publications is None:
+        out.error(
+            f"eventTopic {event_topic!r} needs mqttTopics.allowedPublications listing it; "
+            "the broker would drop the job's events silently"
+        )
 
 
 def _check_id(obj: _Obj, out: _Collector, file_name: str | os.PathLike[str] | None) -> str | None:
@@ -503,7 +520,17 @@ def _check_schedule(schedule: Any, out: _Collector) -> bool:
         out.error(f"schedule must be an object, got {json_type_name(schedule)}")
         return True
     obj = _Obj(schedule, "schedule", out, _SCHEDULE_KEYS)
-    modes = [key for key in _SCHEDULE_KEYS if obj.has(key)]
+    _check_schedule_modes([key for key in _SCHEDULE_KEYS if obj.has(key)], out)
+    interval = obj.get("intervalMinutes")
+    if interval is not None and (not _is_int(interval) or interval <= 0):
+        out.error(f"schedule.intervalMinutes must be a positive integer, got {_show(interval)}")
+    _check_cron(obj.get("cronExpression"), out)
+    _check_run_at(obj.get("runAt"), out)
+    return True
+
+
+def _check_schedule_modes(modes: list[str], out: _Collector) -> None:
+    """Exactly one schedule mode: the agent allows one."""
     if not modes:
         out.error(
             "schedule names no mode; give exactly one of intervalMinutes, cronExpression, "
@@ -511,32 +538,36 @@ def _check_schedule(schedule: Any, out: _Collector) -> bool:
         )
     elif len(modes) > 1:
         out.error(f"schedule has {len(modes)} modes ({', '.join(modes)}); the agent allows one")
-    interval = obj.get("intervalMinutes")
-    if interval is not None and (not _is_int(interval) or interval <= 0):
-        out.error(f"schedule.intervalMinutes must be a positive integer, got {_show(interval)}")
-    cron = obj.get("cronExpression")
-    if cron is not None:
-        if not isinstance(cron, str):
-            out.error(f"schedule.cronExpression must be a string, got {json_type_name(cron)}")
-        else:
-            fields = cron.split()
-            if len(fields) != 5:
-                out.error(
-                    f"schedule.cronExpression {cron!r} has {len(fields)} fields; the agent "
-                    "expects standard 5-field cron (minute hour day month weekday)"
-                )
-            elif not all(_CRON_FIELD.match(f) for f in fields):
-                out.error(f"schedule.cronExpression {cron!r} contains invalid characters")
-    run_at = obj.get("runAt")
-    if run_at is not None:
-        if not isinstance(run_at, str) or not run_at.strip():
-            out.error(f"schedule.runAt must be a non-empty string, got {_show(run_at)}")
-        elif not _is_iso8601(run_at):
-            out.warn(
-                f"schedule.runAt {run_at!r} is not ISO 8601; the agent's format is "
-                "undocumented, check it against a live agent"
-            )
-    return True
+
+
+def _check_cron(cron: Any, out: _Collector) -> None:
+    """Check schedule.cronExpression: standard 5-field cron, as the agent expects."""
+    if cron is None:
+        return
+    if not isinstance(cron, str):
+        out.error(f"schedule.cronExpression must be a string, got {json_type_name(cron)}")
+        return
+    fields = cron.split()
+    if len(fields) != 5:
+        out.error(
+            f"schedule.cronExpression {cron!r} has {len(fields)} fields; the agent "
+            "expects standard 5-field cron (minute hour day month weekday)"
+        )
+    elif not all(_CRON_FIELD.match(f) for f in fields):
+        out.error(f"schedule.cronExpression {cron!r} contains invalid characters")
+
+
+def _check_run_at(run_at: Any, out: _Collector) -> None:
+    """Check schedule.runAt: a non-empty string; its format is only warned about."""
+    if run_at is None:
+        return
+    if not isinstance(run_at, str) or not run_at.strip():
+        out.error(f"schedule.runAt must be a non-empty string, got {_show(run_at)}")
+    elif not _is_iso8601(run_at):
+        out.warn(
+            f"schedule.runAt {run_at!r} is not ISO 8601; the agent's format is "
+            "undocumented, check it against a live agent"
+        )
 
 
 def _check_events(events: Any, out: _Collector) -> bool:
@@ -601,22 +632,7 @@ def _check_mqtt(value: Any, out: _Collector, logs_via_mqtt: bool) -> list[str] |
         out.error(f"mqttTopics must be an object, got {json_type_name(value)}")
         return None
     obj = _Obj(value, "mqttTopics", out, _MQTT_KEYS)
-    lists: dict[str, list[str]] = {}
-    for key in _MQTT_KEYS:
-        topics = obj.get(key)
-        lists[key] = []
-        if topics is None:
-            continue
-        if not isinstance(topics, list):
-            out.error(f"mqttTopics.{key} must be an array of topics, got {json_type_name(topics)}")
-            continue
-        for index, topic in enumerate(topics):
-            if not isinstance(topic, str) or not topic.strip():
-                out.error(
-                    f"mqttTopics.{key}[{index}] must be a non-empty topic, got {_show(topic)}"
-                )
-            else:
-                lists[key].append(topic)
+    lists = {key: _topic_list(obj.get(key), key, out) for key in _MQTT_KEYS}
     publications = lists["allowedPublications"]
     for topic in publications:
         if "+" in topic or "#" in topic:
@@ -633,6 +649,22 @@ def _check_mqtt(value: Any, out: _Collector, logs_via_mqtt: bool) -> list[str] |
             "would be dropped silently"
         )
     return publications
+
+
+def _topic_list(topics: Any, key: str, out: _Collector) -> list[str]:
+    """The valid topics of ``mqttTopics.<key>``; each invalid entry is an error."""
+    if topics is None:
+        return []
+    if not isinstance(topics, list):
+        out.error(f"mqttTopics.{key} must be an array of topics, got {json_type_name(topics)}")
+        return []
+    valid: list[str] = []
+    for index, topic in enumerate(topics):
+        if not isinstance(topic, str) or not topic.strip():
+            out.error(f"mqttTopics.{key}[{index}] must be a non-empty topic, got {_show(topic)}")
+        else:
+            valid.append(topic)
+    return valid
 
 
 def _check_tasks(
@@ -657,37 +689,61 @@ def _check_tasks(
         if not isinstance(task, Mapping):
             out.error(f"{where} must be an object, got {json_type_name(task)}")
             continue
-        obj = _Obj(task, where, out, (*_TASK_KEYS, "ExecutionType"))
-        task_id = _require_string(obj, "id", out, required=False)
-        if task_id is not None:
-            if task_id in seen_ids:
-                out.warn(f"{where}.id {task_id!r} is used by an earlier task too")
-            seen_ids.add(task_id)
-        _require_string(obj, "name", out, required=False, allow_empty=True)
-        _require_string(obj, "scriptType", out, required=False)
-        execution_type = obj.get("executionType")
-        if execution_type is not None:
-            if not isinstance(execution_type, str):
-                out.error(f"{where}.executionType must be a string, got {_show(execution_type)}")
-            elif execution_type.lower() not in {t.lower() for t in EXECUTION_TYPES}:
-                out.error(
-                    f"{where}.executionType {execution_type!r} is not one of "
-                    f"{', '.join(EXECUTION_TYPES)}"
-                )
-        timeout = obj.get("timeoutSeconds")
-        if timeout is None:
-            out.warn(f"{where} has no timeoutSeconds; the agent's default is undocumented")
-        elif not _is_int(timeout) or timeout <= 0:
-            out.error(f"{where}.timeoutSeconds must be a positive integer, got {_show(timeout)}")
-        cof = obj.get("continueOnFailure")
-        if cof is not None and not isinstance(cof, bool):
-            out.error(f"{where}.continueOnFailure must be true or false, got {_show(cof)}")
-        command = _check_command(obj, out, where)
-        _check_executable_path(obj, out, where, command)
-        builtin = command is not None and is_builtin_command(command)
-        _check_arguments(obj, out, where, builtin)
-        if agent_root is not None and os_allowed and command is not None and not builtin:
-            _check_binary(task, out, where, agent_root=agent_root, os_name=os_name, command=command)
+        _check_task(
+            task,
+            where,
+            out,
+            seen_ids,
+            agent_root=agent_root if os_allowed else None,
+            os_name=os_name,
+        )
+
+
+def _check_task(
+    task: Mapping[Any, Any],
+    where: str,
+    out: _Collector,
+    seen_ids: set[str],
+    *,
+    agent_root: str | os.PathLike[str] | None,
+    os_name: str,
+) -> None:
+    """Check one task; ``agent_root`` (None: skip) is where its binary must be found."""
+    obj = _Obj(task, where, out, (*_TASK_KEYS, "ExecutionType"))
+    task_id = _require_string(obj, "id", out, required=False)
+    if task_id is not None:
+        if task_id in seen_ids:
+            out.warn(f"{where}.id {task_id!r} is used by an earlier task too")
+        seen_ids.add(task_id)
+    _require_string(obj, "name", out, required=False, allow_empty=True)
+    _require_string(obj, "scriptType", out, required=False)
+    _check_execution_type(obj.get("executionType"), out, where)
+    timeout = obj.get("timeoutSeconds")
+    if timeout is None:
+        out.warn(f"{where} has no timeoutSeconds; the agent's default is undocumented")
+    elif not _is_int(timeout) or timeout <= 0:
+        out.error(f"{where}.timeoutSeconds must be a positive integer, got {_show(timeout)}")
+    cof = obj.get("continueOnFailure")
+    if cof is not None and not isinstance(cof, bool):
+        out.error(f"{where}.continueOnFailure must be true or false, got {_show(cof)}")
+    command = _check_command(obj, out, where)
+    _check_executable_path(obj, out, where, command)
+    builtin = command is not None and is_builtin_command(command)
+    _check_arguments(obj, out, where, builtin)
+    if agent_root is not None and command is not None and not builtin:
+        _check_binary(task, out, where, agent_root=agent_root, os_name=os_name, command=command)
+
+
+def _check_execution_type(execution_type: Any, out: _Collector, where: str) -> None:
+    """Check a task's executionType: optional, one of EXECUTION_TYPES (any case)."""
+    if execution_type is None:
+        return
+    if not isinstance(execution_type, str):
+        out.error(f"{where}.executionType must be a string, got {_show(execution_type)}")
+    elif execution_type.lower() not in {t.lower() for t in EXECUTION_TYPES}:
+        out.error(
+            f"{where}.executionType {execution_type!r} is not one of {', '.join(EXECUTION_TYPES)}"
+        )
 
 
 def _check_command(obj: _Obj, out: _Collector, where: str) -> str | None:
