@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from keeper_task.emulator import Emulator, ProcessRegistry
 from tests.support.emulator import CHILD_PROBE, HTTP_PROBE, PYTHON, job_data, write_script
@@ -41,16 +42,25 @@ def test_descendant_of_launched_process_is_trusted(tmp_path: Path) -> None:
 
 
 def test_registration_delay_gives_403_then_200(tmp_path: Path) -> None:
-    """During --register-delay the launched task gets 403, then the same process gets 200."""
+    """During the registration delay the launched task gets 403, then the same process gets
+    200. Counted, not timed: the delay outlasts the test, which lands the registration itself
+    once the emulator has refused the process twice."""
     probe = write_script(tmp_path, "probe.py", HTTP_PROBE)
-    with Emulator(register_delay=0.8) as agent:
-        agent.add_job(_probe_job("delay-job", 20))
-        run = agent.run_job("delay-job", command=[PYTHON, str(probe)], wait=60)
+    with Emulator(register_delay=3600) as agent:
+        agent.add_job(_probe_job("delay-job", 60))
+        run = agent.start_run("delay-job", command=[PYTHON, str(probe)])
+
+        def refused() -> list[Any]:
+            return [r for r in agent.requests if r.path == SETTINGS and r.status == 403]
+
+        assert agent.wait_for(lambda: len(refused()) >= 2, timeout=60), refused()
+        agent.registry.register(refused()[0].pid, "delay-job")  # the registration lands now
+        assert run.done.wait(60)
         statuses = [(r.status, r.caller) for r in agent.requests if r.path == SETTINGS]
     lines = run.tasks[0].stdout_lines
-    assert lines[0] == "403" and lines[-1] == "200", lines
+    assert lines[:2] == ["403", "403"] and lines[-1] == "200", lines
     pid = f"pid {run.tasks[0].pid}"
-    # The emulator recognised the process during the delay, and still refused it.
+    # The emulator recognised the process while it was not yet registered, and refused it.
     assert statuses[0] == (403, pid) and statuses[-1] == (200, pid)
 
 
@@ -68,7 +78,7 @@ def test_registry_forgets_exited_tasks_and_scopes_explicit_trust() -> None:
 
 
 def test_grandchild_real_task_is_trusted_for_settings_and_mqtt(
-    agent: Emulator, tmp_path: Path
+    keeper_agent: Emulator, tmp_path: Path
 ) -> None:
     """A real task started two process levels below the launched one (a wrapper whose
     child re-executes, like a PyInstaller onefile binary under a launcher script) reads
@@ -80,10 +90,10 @@ def test_grandchild_real_task_is_trusted_for_settings_and_mqtt(
     )
     hello = Path(__file__).resolve().parents[1] / "examples" / "hello" / "task.py"
     command = [PYTHON, str(wrapper), PYTHON, str(wrapper), PYTHON, str(hello)]
-    result = run_task(agent, command)
+    result = run_task(keeper_agent, command)
     assert result.exit_code == 0, result.stderr
     assert "hello" in result.messages and result.denied == []
     launched = result.run.tasks[0].pid if result.run else None
     callers = {r.caller for r in result.requests if r.path == SETTINGS}
     assert len(callers) == 1 and callers != {f"pid {launched}"}, callers
-    assert agent.messages[-1].client_id == "test-task_Test-task"
+    assert keeper_agent.messages[-1].client_id == "test-task_Test-task"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 from keeper_task import Task, TaskContext
@@ -195,14 +194,13 @@ def test_registration_delay_gives_startup_403(tmp_path: Path) -> None:
             target=lambda: results.append(run_task(keeper_agent, HELLO_SCRIPT, job=job, env=env))
         )
         runner.start()
-        refused: list[RequestRecord] = []
-        for _ in range(3000):  # up to 60 s for two refused requests (a count, not a window)
-            refused = [r for r in keeper_agent.requests if r.path == SETTINGS and r.status == 403]
-            if len(refused) >= 2 or not runner.is_alive():
-                break
-            time.sleep(0.02)
-        assert len(refused) >= 2
-        pid = refused[0].pid
+
+        def refused() -> list[RequestRecord]:
+            return [r for r in keeper_agent.requests if r.path == SETTINGS and r.status == 403]
+
+        # Woken on every request the emulator records (a count, not a time window).
+        assert keeper_agent.wait_for(lambda: len(refused()) >= 2, timeout=60), refused()
+        pid = refused()[0].pid
         assert pid is not None
         keeper_agent.registry.register(pid, job["id"])  # the registration lands now
         runner.join(120)
