@@ -211,7 +211,7 @@ class _Redactor:
             return REDACTED
         return self.value(value, depth)
 
-    def value(self, value: Any, depth: int) -> Any:
+    def value(self, value: Any, depth: int) -> Any:  # noqa: PLR0911 - one return per kind of value, cheapest first
         if type(value) in _SCALARS:
             return value
         if self.secret_types and isinstance(value, self.secret_types):
@@ -234,7 +234,7 @@ class _Redactor:
         finally:
             self.path.discard(key)
 
-    def _walk(self, value: Any, depth: int) -> Any:
+    def _walk(self, value: Any, depth: int) -> Any:  # noqa: PLR0911 - a type dispatch, one return per container kind
         if isinstance(value, Mapping):
             return self._mapping(value.items(), depth)
         if isinstance(value, tuple):
@@ -987,7 +987,9 @@ class LogPipeline:
             "fields": cast("dict[str, Any]", ev),
         }
 
-    def _emit(self, level: str, ev: MutableMapping[str, Any], name: str) -> None:
+    def _emit(  # noqa: C901, PLR0912 - every log call's hot path: one critical section, kept inline
+        self, level: str, ev: MutableMapping[str, Any], name: str
+    ) -> None:
         record = self._record(level, ev, name)
         urgent = level in _URGENT
         text: str | None = None

@@ -414,7 +414,7 @@ class _Run:
         return self._exit_code_for(exc)
 
     @defer_stop
-    def _exit_code_for(self, exc: BaseException) -> int:
+    def _exit_code_for(self, exc: BaseException) -> int:  # noqa: PLR0911 - one return per row of the exit-code table
         log = self.log
         if isinstance(exc, TaskFailed):
             self.reason = exc.message

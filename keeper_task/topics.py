@@ -67,7 +67,7 @@ def matches(topic_filter: str, topic: str) -> bool:
     return is_valid_topic(topic) and covers(topic_filter, topic)
 
 
-def covers(entry: str, requested: str) -> bool:
+def covers(entry: str, requested: str) -> bool:  # noqa: PLR0911 - one return per MQTT rule, in the spec's order
     """Whether every topic that ``requested`` matches is also matched by ``entry``.
 
     ``requested`` is a topic name or a filter (a subscription); for a topic name this is
