@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from keeper_task.errors import SettingsError, UsageError
+from keeper_task.mqtt import DEFAULT_CLIENT_ID_TEMPLATE
 from keeper_task.tls import is_loopback_host
 
 __all__ = [
@@ -179,7 +180,7 @@ class TaskSettings(BaseSettings):
         "TLS unless they say broker.tls=false).",
     )
     mqtt_client_id_template: str = Field(
-        default="{job_id}_{job_name}",
+        default=DEFAULT_CLIENT_ID_TEMPLATE,
         description="Client id template; fields {job_id}, {job_name}, {pid}. The agent "
         "reads the job id from the first '_'-separated segment.",
     )
