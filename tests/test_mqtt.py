@@ -660,3 +660,64 @@ def test_paho_external_loop_contract(plain_broker):
         if client.socket() is not None:
             _pump(client, lambda: client.socket() is None)
     assert client.socket() is None
+
+
+class _Events:
+    """A logger that records event names and lets a test wait for one (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._cond = threading.Condition()
+
+    def _record(self, event: str, **_fields: object) -> None:
+        with self._cond:
+            self.names.append(event)
+            self._cond.notify_all()
+
+    info = warning = error = _record
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.names.count(event) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
+@pytest.mark.mosquitto
+def test_reconnect_delivers_what_was_queued_and_restores_subscriptions(monkeypatch):
+    """The broker restarts on the same port: a QoS 1 message published while it was down is
+    delivered after the reconnect, QoS 0 is refused meanwhile, and the subscription is back."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin")
+    import tests.support.brokers as brokers
+
+    events = _Events()
+    received = threading.Event()
+    first = MosquittoBroker().start()
+    port = first.port
+    client = make_client(first, logger=events, connect_timeout=5)
+    client.connect()
+    client.subscribe("re/in", lambda _t, _p: received.set())
+    first.stop()
+    assert events.wait_for("mqtt.connection_lost")
+    assert not client.connected
+    client.publish("re/out", b"while down", qos=1)
+    with pytest.raises(BrokerUnavailableError, match="QoS 0"):
+        client.publish("re/out", b"qos0", qos=0)
+    assert client.unacked == 1
+    monkeypatch.setattr(brokers, "free_port", lambda: port)
+    with MosquittoBroker() as second:
+        assert second.port == port
+        with second.collect("re/out") as col:
+            assert events.wait_for("mqtt.reconnected")
+            assert client.flush(10) == 0
+            # Sent before the collector subscribed or after: either way the broker acked it.
+            client.publish("re/out", b"after", qos=1, wait=True)
+            assert b"after" in [p for _, p in col.wait_for(1, timeout=10)]
+        client.publish("re/in", b"x", qos=1, wait=True)
+        assert received.wait(10)
+        assert client.disconnect() == 0
