@@ -55,7 +55,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -318,38 +318,13 @@ class MqttClient:
             return
         where = f"{'mqtts' if self._tls else 'mqtt'}://{self.host}:{self.port}"
         deadline = time.monotonic() + max(0.0, self.connect_timeout)
-        self._connack.clear()
-        self._connack_rc = None
-        self._established = False
-        self._stop.clear()
-        self._closed.clear()
-        self._failed = self._lost = 0
-        self._reconnect_delay = 0.0
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._wake_pending = False
+        self._reset_session()
         try:
             self._client.connect(self.host, self.port, keepalive=self.keepalive)
         except BaseException as exc:
             self._close_socket()
             self._close_wake()
-            if isinstance(exc, ssl.SSLError):
-                raise BrokerUnavailableError(
-                    f"TLS handshake with the MQTT broker at {where} failed ({_reason(exc)}); "
-                    "check the CA bundle, or whether the broker speaks TLS on this port"
-                ) from exc
-            if isinstance(exc, TimeoutError):
-                raise BrokerUnavailableError(
-                    f"MQTT broker at {where} did not answer within {self.connect_timeout:g}s; "
-                    "check broker.host/broker.port and that the agent is running"
-                ) from exc
-            if isinstance(exc, (OSError, ValueError, OverflowError)):
-                raise BrokerUnavailableError(
-                    f"cannot connect to the MQTT broker at {where} ({_reason(exc)}); "
-                    "check broker.host/broker.port and that the agent is running"
-                ) from exc
-            raise
+            self._raise_connect_error(exc, where)
         self._start_loop()
         try:
             got_connack = _wait(self._connack, deadline - time.monotonic())
@@ -357,6 +332,55 @@ class MqttClient:
             # A signal or the task's deadline while waiting: stop the network thread and socket.
             self._stop_loop()
             raise
+        self._check_connack(got_connack, where)
+        with self._lock:
+            self._open = True
+        if self._log is not None:
+            self._log.info(
+                "mqtt.connected",
+                host=self.host,
+                port=self.port,
+                tls=self._tls,
+                client_id=self.client_id,
+            )
+
+    def _reset_session(self) -> None:
+        self._connack.clear()
+        self._connack_rc = None
+        self._established = False
+        self._stop.clear()
+        self._closed.clear()
+        # A previous session's leftovers were counted by its disconnect(); paho may still
+        # resend them, and their acks are then ignored.
+        self._inflight.clear()
+        self._in_hand = self._failed = self._lost = 0
+        self._reconnect_delay = 0.0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+
+    def _raise_connect_error(self, exc: BaseException, where: str) -> NoReturn:
+        """Map what paho's connect() raised (TCP connect and TLS handshake) to our errors."""
+        if isinstance(exc, ssl.SSLError):
+            raise BrokerUnavailableError(
+                f"TLS handshake with the MQTT broker at {where} failed ({_reason(exc)}); "
+                "check the CA bundle, or whether the broker speaks TLS on this port"
+            ) from exc
+        if isinstance(exc, TimeoutError):
+            raise BrokerUnavailableError(
+                f"MQTT broker at {where} did not answer within {self.connect_timeout:g}s; "
+                "check broker.host/broker.port and that the agent is running"
+            ) from exc
+        if isinstance(exc, (OSError, ValueError, OverflowError)):
+            raise BrokerUnavailableError(
+                f"cannot connect to the MQTT broker at {where} ({_reason(exc)}); "
+                "check broker.host/broker.port and that the agent is running"
+            ) from exc
+        raise exc
+
+    def _check_connack(self, got_connack: bool, where: str) -> None:
+        """Raise unless the broker accepted us; the network thread is stopped then."""
         rc = self._connack_rc
         if not got_connack or rc is None:
             self._stop_loop()
@@ -381,16 +405,6 @@ class MqttClient:
             raise BrokerUnavailableError(
                 f"MQTT broker at {where} refused the connection ({rc.getName()})",
                 rc=rc.value,
-            )
-        with self._lock:
-            self._open = True
-        if self._log is not None:
-            self._log.info(
-                "mqtt.connected",
-                host=self.host,
-                port=self.port,
-                tls=self._tls,
-                client_id=self.client_id,
             )
 
     def flush(self, timeout: float) -> int:
@@ -505,29 +519,7 @@ class MqttClient:
                 "of the job (the broker would drop it silently)"
             )
         data = _encode(topic, payload)
-        if topic not in self._topics_ok:
-            _check_topic(topic)
-            if len(self._topics_ok) < 4096:
-                self._topics_ok.add(topic)
-        _check_publish(topic, qos, len(data))
-        if wait and threading.get_ident() == self._loop_ident:
-            raise PublishError(
-                f"cannot wait for the publish to {topic!r} in a subscription callback: it "
-                "runs on the network thread that would receive the ack; use wait=False"
-            )
-        if qos == 0 and self._open and not self._client.is_connected():
-            raise BrokerUnavailableError(
-                f"cannot publish to {topic!r}: the connection to the broker is down and "
-                "QoS 0 messages are not queued",
-                rc=int(MQTTErrorCode.MQTT_ERR_NO_CONN),
-            )
-        waiting = self.unacked
-        if waiting >= self._max_queued:
-            raise PublishError(
-                f"cannot publish to {topic!r}: {waiting} messages are waiting for the "
-                "broker's ack (queue full); is the broker stalled?",
-                rc=int(MQTTErrorCode.MQTT_ERR_QUEUE_SIZE),
-            )
+        self._check_can_publish(topic, qos, len(data), wait)
         item = _Outgoing(topic, data, qos, retain, threading.Event() if wait else None)
         if not self._open or self._loop_ident is None:
             raise BrokerUnavailableError(
@@ -546,6 +538,31 @@ class MqttClient:
                 raise PublishError(f"publish to {topic!r} was not {what} within {limit:g}s")
             if item.error is not None:
                 raise PublishError(f"publish to {topic!r} failed: {item.error}")
+
+    def _check_can_publish(self, topic: str, qos: int, size: int, wait: bool) -> None:
+        if topic not in self._topics_ok:
+            _check_topic(topic)
+            if len(self._topics_ok) < 4096:
+                self._topics_ok.add(topic)
+        _check_publish(topic, qos, size)
+        if wait and threading.get_ident() == self._loop_ident:
+            raise PublishError(
+                f"cannot wait for the publish to {topic!r} in a subscription callback: it "
+                "runs on the network thread that would receive the ack; use wait=False"
+            )
+        if qos == 0 and self._open and not self._client.is_connected():
+            raise BrokerUnavailableError(
+                f"cannot publish to {topic!r}: the connection to the broker is down and "
+                "QoS 0 messages are not queued",
+                rc=int(MQTTErrorCode.MQTT_ERR_NO_CONN),
+            )
+        waiting = self.unacked
+        if waiting >= self._max_queued:
+            raise PublishError(
+                f"cannot publish to {topic!r}: {waiting} messages are waiting for the "
+                "broker's ack (queue full); is the broker stalled?",
+                rc=int(MQTTErrorCode.MQTT_ERR_QUEUE_SIZE),
+            )
 
     def _published_late(self, item: _Outgoing) -> None:
         """disconnect() began between publish()'s check and its append: settle the message.
@@ -607,21 +624,7 @@ class MqttClient:
         failure: list[MqttError] = []
 
         def send() -> None:  # on the network thread: the SUBACK cannot overtake it
-            try:
-                rc, mid = self._client.subscribe(topic, qos=qos)
-            except ValueError as exc:
-                failure.append(MqttError(f"cannot subscribe to {topic!r}: {exc}"))
-                done.set()
-                return
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                failure.append(
-                    BrokerUnavailableError(
-                        f"cannot subscribe to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
-                    )
-                )
-                done.set()
-                return
-            self._suback[mid] = (done, codes)
+            self._send_subscribe(topic, qos, done, codes, failure)
 
         self._calls.append(send)
         self._wake()
@@ -636,6 +639,30 @@ class MqttClient:
                 "declare it in mqttTopics.allowedSubscriptions",
                 rc=codes[0].value,
             )
+
+    def _send_subscribe(
+        self,
+        topic: str,
+        qos: int,
+        done: threading.Event,
+        codes: list[ReasonCode],
+        failure: list[MqttError],
+    ) -> None:
+        try:
+            rc, mid = self._client.subscribe(topic, qos=qos)
+        except ValueError as exc:
+            failure.append(MqttError(f"cannot subscribe to {topic!r}: {exc}"))
+            done.set()
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            failure.append(
+                BrokerUnavailableError(
+                    f"cannot subscribe to {topic!r}: {paho.error_string(rc)}", rc=int(rc)
+                )
+            )
+            done.set()
+            return
+        self._suback[mid] = (done, codes)
 
     # -- the network thread -----------------------------------------------------------------
 
@@ -692,30 +719,7 @@ class MqttClient:
                         break
                     self._reconnect()
                     continue
-                if stop_by is None:  # once stopping, what is still queued is counted as lost
-                    self._move_outbox()
-                tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
-                wait = 0.0 if tls_pending or self._outbox or self._calls else _TICK
-                if stop_by is not None:
-                    wait = 0.05
-                try:
-                    readable, _, _ = select.select(
-                        [sock, wake_r], [sock] if client.want_write() else [], [], wait
-                    )
-                except (OSError, ValueError):
-                    readable = [sock]  # closed under us: paho's read reports it
-                # Cleared before the outbox is read: a publish after this wakes us again.
-                self._wake_pending = False
-                if wake_r in readable:
-                    with contextlib.suppress(OSError):
-                        wake_r.recv(4096)
-                    if stop_by is None:
-                        self._move_outbox()
-                if sock in readable or tls_pending:
-                    client.loop_read()
-                if client.want_write():
-                    client.loop_write()
-                client.loop_misc()
+                self._step(sock, wake_r, stopping=stop_by is not None)
         except Exception as exc:
             if self._log is not None:
                 self._log.error("mqtt.network_thread_failed", error=repr(exc))
@@ -725,6 +729,34 @@ class MqttClient:
             self._close_wake()
             with self._drained:
                 self._drained.notify_all()
+
+    def _step(self, sock: Any, wake_r: socket.socket, *, stopping: bool) -> None:
+        """One loop iteration: hand over what is queued, wait for the socket, let paho work."""
+        client = self._client
+        if not stopping:  # once stopping, what is still queued is counted as lost
+            self._move_outbox()
+        tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        wait = 0.0 if tls_pending or self._outbox or self._calls else _TICK
+        if stopping:
+            wait = 0.05
+        try:
+            readable, _, _ = select.select(
+                [sock, wake_r], [sock] if client.want_write() else [], [], wait
+            )
+        except (OSError, ValueError):
+            readable = [sock]  # closed under us: paho's read reports it
+        # Cleared before the outbox is read: a publish after this wakes us again.
+        self._wake_pending = False
+        if wake_r in readable:
+            with contextlib.suppress(OSError):
+                wake_r.recv(4096)
+            if not stopping:
+                self._move_outbox()
+        if sock in readable or tls_pending:
+            client.loop_read()
+        if client.want_write():
+            client.loop_write()
+        client.loop_misc()
 
     def _reconnect(self) -> None:
         """Wait (paho's default back-off, 1 s doubling to 120 s), then reconnect once."""
