@@ -450,16 +450,16 @@ if __name__ == "__main__":
 
 
 def test_agent_settings_token_reaches_neither_stderr_nor_the_broker(
-    agent: Emulator, tmp_path: Path
+    keeper_agent: Emulator, tmp_path: Path
 ) -> None:
     """A task (its own process) logs ctx.agent_settings.raw holding api.token, in several
     containers and in an exception: the token is on neither stderr nor KeeperLogger."""
     token = "tok-" + "9f8e7d6c5b4a"
-    agent.settings.set_policy(AGENT_PLUGIN, "api.token", token)
-    agent.settings.set_policy(AGENT_PLUGIN, "visible.setting", "shown-value")
+    keeper_agent.settings.set_policy(AGENT_PLUGIN, "api.token", token)
+    keeper_agent.settings.set_policy(AGENT_PLUGIN, "visible.setting", "shown-value")
     script = tmp_path / "leaky.py"
     script.write_text(LEAKY_TASK)
-    result = run_task(agent, script, env={"KEEPER_TASK_LOG_FORMAT": "json"})
+    result = run_task(keeper_agent, script, env={"KEEPER_TASK_LOG_FORMAT": "json"})
     assert result.exit_code == 0, result.stderr
     received = json.dumps(result.logs)
     messages = [log["message"] for log in result.logs]
