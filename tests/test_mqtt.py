@@ -579,8 +579,26 @@ def _pump(client: paho.Client, until, timeout: float = 10.0) -> None:
         client.loop_misc()
 
 
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+def _open_sockets() -> dict[str, int]:
+    """Socket inode -> file descriptor, for the sockets this process has open."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the directory listing's own descriptor, closed meanwhile
+        if target.startswith("socket:"):
+            found[target] = int(name)
+    return found
+
+
+def _family(fd: int) -> int | None:
+    """The address family of the socket behind ``fd`` (None: not a socket, or gone)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return int(sock.family)
+    except OSError:
+        return None
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
@@ -616,10 +634,14 @@ def test_paho_external_loop_contract(plain_broker):
     client.on_publish = lambda _c, _u, mid, _rc, _p: acked.append(mid)
     if plain_broker.tls:
         client.tls_set_context(plain_broker.ssl_context())
-    fds = _open_fds()
+    sockets = _open_sockets()
     client.connect(plain_broker.host, plain_broker.port, keepalive=30)
     try:
-        assert len(_open_fds() - fds) == 1  # the MQTT socket, and no socketpair
+        now = _open_sockets()
+        new = [fd for inode, fd in now.items() if inode not in sockets]
+        assert client.socket().fileno() in new
+        # No socketpair (AF_UNIX); an in-process broker may add its accepted TCP socket.
+        assert [fd for fd in new if _family(fd) == socket.AF_UNIX] == []
         assert len(opened) == 1 and opened[0] is client.socket()
         _pump(client, connected.is_set)
 
