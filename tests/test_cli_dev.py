@@ -615,6 +615,7 @@ def test_dev_run_output_follows_event_time_not_arrival() -> None:
     """A task's log burst arrives after the publish it made in between: lines are shown by
     event time (log timestamps, arrival time otherwise), each held the ordering window."""
     import io
+    import time
 
     from keeper_task.cli.dev import _Printer
     from keeper_task.emulator import BrokerMessage, OutputLine
@@ -626,7 +627,7 @@ def test_dev_run_output_follows_event_time_not_arrival() -> None:
 
     out, err = io.StringIO(), io.StringIO()
     printer = _Printer(out, err, verbose=False, window=3600)  # nothing released before flush
-    base = 1_700_000_000.0
+    base = time.time()  # event times near now: the window (3600 s) holds them until flush()
     printer(BrokerMessage("Jobs/x/events", b'{"event":"started"}', time=base + 0.010))
     printer(BrokerMessage("KeeperLogger", log("connected", base + 0.001), time=base + 0.060))
     printer(BrokerMessage("KeeperLogger", log("item", base + 0.020), time=base + 0.061))

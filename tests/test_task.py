@@ -40,10 +40,21 @@ def _settings_for(b: BrokerBase) -> dict[str, str]:
     }
 
 
+#: Task processes started by _popen; the agent fixture kills what a failed test left running.
+_SPAWNED: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture
 def agent(ca: trustme.CA, amqtt_broker: BrokerBase) -> Iterator[FakeAgent]:
-    with FakeAgent(ca, _settings_for(amqtt_broker)) as server:
-        yield server
+    try:
+        with FakeAgent(ca, _settings_for(amqtt_broker)) as server:
+            yield server
+    finally:
+        while _SPAWNED:
+            proc = _SPAWNED.pop()
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -386,7 +397,7 @@ def test_settings_class_is_inferred_from_the_generic(
 
 
 def _popen(base_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(SAMPLE), f"--keeper-api-base={base_url}", *args],
         env=env if env is not None else _env(),
         stdin=subprocess.PIPE,
@@ -394,16 +405,33 @@ def _popen(base_url: str, *args: str, env: dict[str, str] | None = None) -> subp
         stderr=subprocess.PIPE,
         text=True,
     )
+    _SPAWNED.append(proc)
+    return proc
 
 
-def _wait_line(stream: Any, fragment: str) -> str:
-    """Read lines until one contains `fragment` (EOF ends the wait: the test then fails)."""
+def _wait_line(stream: Any, fragment: str, timeout: float = 60) -> str:
+    """Read lines until one contains `fragment`; EOF ends the wait and the test fails.
+
+    A process started by _popen that stays silent for `timeout` seconds is killed (its EOF
+    ends the wait), so a missing line fails the test with the output seen instead of hanging.
+    """
+    owner = next((p for p in _SPAWNED if stream in (p.stdout, p.stderr)), None)
+    timer = threading.Timer(timeout, owner.kill) if owner is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     seen = []
-    for line in stream:
-        seen.append(line)
-        if fragment in line:
-            return line
-    raise AssertionError(f"{fragment!r} never appeared; got {''.join(seen)[-2000:]}")
+    try:
+        for line in stream:
+            seen.append(line)
+            if fragment in line:
+                return line
+    finally:
+        if timer is not None:
+            timer.cancel()
+    raise AssertionError(
+        f"{fragment!r} never appeared (within {timeout} s); got {''.join(seen)[-2000:]}"
+    )
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 20) -> tuple[str, str]:
