@@ -88,6 +88,9 @@ class TaskSettings(BaseSettings):
         env_prefix="KEEPER_TASK_",
         extra="forbid",
         validate_default=True,
+        # pydantic-settings < 2.5 reserves "settings_" and would warn about
+        # `settings_plugin` (and a task author's own settings_* fields) at import.
+        protected_namespaces=("model_",),
     )
 
     #: Names of fields that are never shown as a value (besides ``SecretStr`` and
