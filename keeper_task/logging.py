@@ -53,6 +53,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from keeper_task.errors import SettingsError
 from keeper_task.log_schema import KeeperJsonSchema, KeeperLogSchema, LogRecord, format_timestamp
+from keeper_task.signals import start_shielded
 
 __all__ = [
     "LEVELS",
@@ -669,7 +670,7 @@ class _Batcher:
             if size == 1:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                    self._thread.start()
+                    start_shielded(self._thread)
                 self._wake.set()
         return False
 

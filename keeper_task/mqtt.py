@@ -72,6 +72,7 @@ from keeper_task.errors import (
     SettingsError,
     TopicNotDeclaredError,
 )
+from keeper_task.signals import start_shielded
 from keeper_task.topics import topic_allowed  # the one matcher, shared with the emulator
 
 __all__ = [
@@ -675,7 +676,7 @@ class MqttClient:
             target=self._run, name=f"keeper-task-mqtt-{self.client_id}", daemon=True
         )
         self._thread = thread
-        thread.start()
+        start_shielded(thread)
 
     def _stop_loop(self) -> None:
         """Stop the network thread: DISCONNECT is sent if the connection is up."""

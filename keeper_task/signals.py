@@ -27,6 +27,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -40,6 +41,7 @@ __all__ = [
     "SignalHandlers",
     "defer_stop",
     "raise_in_thread",
+    "start_shielded",
     "stop_boundary",
 ]
 
@@ -79,6 +81,26 @@ def _stop_signals() -> list[int]:
     return [int(getattr(signal, n)) for n in STOP_SIGNAL_NAMES if hasattr(signal, n)]
 
 
+def start_shielded(thread: threading.Thread) -> None:
+    """Start ``thread`` with the stop signals blocked in it, so they reach the main thread.
+
+    Why: the OS may hand a process-directed SIGTERM/SIGINT to any thread that does not block
+    it. Python then runs the handler only when the main thread next runs bytecode, so a main
+    thread blocked in ``time.sleep()`` or a lock wait would sleep on, the stop unseen (seen
+    here: a task in ``time.sleep(3600)`` ignored SIGTERM while a helper thread took it). A
+    new thread inherits its creator's mask: block, start, restore. A signal that arrives
+    meanwhile stays pending and is delivered when the mask is restored.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: signals are emulated in the main thread
+        thread.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class SignalHandlers:
     """Routes SIGTERM, SIGINT and SIGBREAK to ``handler`` while active (a context manager).
 
@@ -89,6 +111,7 @@ class SignalHandlers:
     def __init__(self, handler: _Handler) -> None:
         self._handler = handler
         self._previous: dict[int, Any] = {}
+        self._poker: _Poker | None = None
 
     @property
     def installed(self) -> bool:
@@ -104,9 +127,14 @@ class SignalHandlers:
                 self._previous[signum] = signal.signal(signum, self._handler)
             except (OSError, ValueError):
                 continue
+        if self._previous:
+            self._poker = _Poker.start()
 
     def restore(self) -> None:
         """Put the previous handlers back."""
+        if self._poker is not None:
+            self._poker.stop()
+            self._poker = None
         for signum, previous in self._previous.items():
             with contextlib.suppress(OSError, ValueError, TypeError):
                 signal.signal(signum, previous)
@@ -123,6 +151,70 @@ class SignalHandlers:
         tb: TracebackType | None,
     ) -> None:
         self.restore()
+
+
+class _Poker:
+    """Makes sure a stop signal's Python handler runs even when it arrived just too late.
+
+    Why: Python runs a signal handler at the main thread's next bytecode. A signal that
+    lands after the last check before a blocking call (``time.sleep()``, a lock wait) has
+    already interrupted nothing: the handler then waits for the call to return — seen here
+    when SIGTERM followed a task's last print by microseconds, and the task slept on. The C
+    handler writes each signal's number to a wakeup fd; this thread reads it and sends the
+    main thread a no-op signal (SIGURG), which interrupts the blocking call so that Python
+    runs the pending handler. When the handler had already run, the poke changes nothing.
+    """
+
+    def __init__(
+        self, poke: int, reader: socket.socket, writer: socket.socket, previous: Any, old: Any
+    ) -> None:
+        self._poke, self._reader, self._writer = poke, reader, writer
+        self._previous_fd, self._old_handler = previous, old
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, name="keeper-task-signals", daemon=True)
+
+    @classmethod
+    def start(cls) -> _Poker | None:
+        poke = getattr(signal, "SIGURG", None)
+        if poke is None or not hasattr(signal, "pthread_kill"):
+            return None  # Windows: signals are handled in the main thread's own loop
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        try:
+            old = signal.signal(poke, _no_op)
+            previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            reader.close()
+            writer.close()
+            return None
+        poker = cls(int(poke), reader, writer, previous, old)
+        start_shielded(poker._thread)
+        return poker
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            signal.set_wakeup_fd(self._previous_fd)
+            signal.signal(self._poke, self._old_handler)
+        with contextlib.suppress(OSError):
+            self._writer.close()  # the thread's read then ends
+
+    def _run(self) -> None:
+        stops = set(_stop_signals())
+        with self._reader:
+            while True:
+                try:
+                    data = self._reader.recv(64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                if stops.intersection(data) and self._main is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        signal.pthread_kill(self._main, self._poke)
+
+
+def _no_op(signum: int, frame: FrameType | None) -> None:
+    """The poke's handler: its only job is to interrupt a blocking call."""
 
 
 class InterruptOnce(SignalHandlers):
@@ -228,7 +320,7 @@ class Canceller:
                 self._kicker = threading.Thread(
                     target=self._kick_loop, name="keeper-task-stop", daemon=True
                 )
-                self._kicker.start()
+                start_shielded(self._kicker)
         return True
 
     @defer_stop

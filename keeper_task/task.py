@@ -54,7 +54,7 @@ from keeper_task.logging import (
 )
 from keeper_task.mqtt import MqttClient, build_client_id
 from keeper_task.settings import TaskSettings, parse_settings, program_name
-from keeper_task.signals import Canceller, SignalHandlers, defer_stop, stop_boundary
+from keeper_task.signals import Canceller, SignalHandlers, defer_stop, start_shielded, stop_boundary
 from keeper_task.tls import client_ssl_context, is_loopback_host
 
 __all__ = ["Task"]
@@ -546,7 +546,7 @@ class _Run:
 
         timer = threading.Timer(seconds, fire)
         timer.daemon = True
-        timer.start()
+        start_shielded(timer)
         self.deadline_timer = timer
 
     def _start_grace(self) -> None:
@@ -555,7 +555,7 @@ class _Run:
         grace = float(self.task_cls.stop_grace)
         timer = threading.Timer(grace, self._grace_over, args=(grace,))
         timer.daemon = True
-        timer.start()
+        start_shielded(timer)
         self.grace_timer = timer
 
     def _grace_over(self, grace: float) -> None:
@@ -598,7 +598,7 @@ class _Run:
                 lost.append(mqtt.disconnect(timeout=self.flush_timeout) if flush else mqtt.unacked)
 
         helper = threading.Thread(target=finish, name="keeper-task-exit", daemon=True)
-        helper.start()
+        start_shielded(helper)
         helper.join(self.flush_timeout + 1.0 if flush else 1.0)
         unacked = lost[0] if lost else (mqtt.unacked if mqtt is not None else 0)
         skipped = "teardown and the flush skipped" if not flush else "teardown skipped"

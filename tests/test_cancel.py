@@ -395,3 +395,42 @@ def test_deadline_swallowed_forever_ends_with_124_after_the_grace(agent: FakeAge
     last = _last_line(proc.stderr)
     assert last.startswith(f"{PROG}: error: deadline of 0.5 s exceeded: ")
     assert "did not end within 2 s (stop_grace)" in last
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc only")
+def test_helper_threads_block_stop_signals_so_they_reach_the_main_thread(
+    agent: FakeAgent,  # noqa: F811
+) -> None:
+    """Every thread the runtime starts (MQTT network thread, log flushers, timers) blocks
+    SIGTERM/SIGINT: the OS can then only hand a stop to the main thread, whose blocking call
+    (here time.sleep) it interrupts. Were a helper thread to take it, the main thread would
+    sleep on with the stop unseen."""
+    proc = _popen(agent.base_url, "--behaviour", "sleep", env=_env(SAMPLE_STOP_GRACE=_NO_GRACE))
+    assert proc.stdout is not None
+    _wait_line(proc.stdout, "READY")
+    stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    masks = {}
+    for task_dir in Path(f"/proc/{proc.pid}/task").iterdir():
+        status = (task_dir / "status").read_text()
+        blocked = int(re.search(r"SigBlk:\s*([0-9a-f]+)", status).group(1), 16)
+        masks[int(task_dir.name)] = blocked & stops == stops
+    assert masks.pop(proc.pid) is False  # the main thread takes the stop signals
+    assert masks and all(masks.values()), masks  # every helper thread blocks them
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = _finish(proc, timeout=60)
+    assert proc.returncode == 143, stderr
+
+
+def test_a_stop_right_before_a_blocking_call_is_not_left_waiting(
+    agent: FakeAgent,  # noqa: F811
+) -> None:
+    """SIGTERM sent the moment the task prints READY, just before it enters time.sleep(3600):
+    Python would run the handler only after the sleep returns; the runtime's wakeup-fd poke
+    makes it run now. Ten tries (the race was hit in most of them without the poke)."""
+    for _ in range(10):
+        proc = _popen(agent.base_url, "--behaviour", "sleep", env=_env(SAMPLE_STOP_GRACE=_NO_GRACE))
+        assert proc.stdout is not None
+        _wait_line(proc.stdout, "READY")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = _finish(proc, timeout=60)
+        assert proc.returncode == 143, stderr

@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from keeper_task.errors import AgentNotListeningError, AgentTimeoutError, AgentUnreachableError
+from keeper_task.signals import start_shielded
 
 __all__ = [
     "AgentTransport",
@@ -145,7 +146,7 @@ class _Deadline:
         self._guard = socket.fromfd(sock.fileno(), sock.family, sock.type)
         self._timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._fire)
         self._timer.daemon = True
-        self._timer.start()
+        start_shielded(self._timer)
 
     def _fire(self) -> None:
         with self._lock:
